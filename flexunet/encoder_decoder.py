@@ -1,0 +1,300 @@
+"""The generic encoder-decoder: stem, encoder and decoder stacks of block specs.
+
+A subclass describes its architecture by three lists of specs (`stem_stack`,
+`encoder_stack`, `decoder_stack`); this base does the stride and channel
+bookkeeping once, on the specs (`plan`), builds one module per block and runs
+them with SLEAP's skip-connection rule:
+
+* The skip sources of a stack are the stem's output (if there is a stem) and,
+  for every stride the encoder reaches, its first block output at that stride,
+  except the last stride reached.
+* A decoder block that upsamples to stride `s` takes the first source at `s`.
+* Stacks repeat the encoder and decoder (not the stem); each stack starts from
+  the previous stack's output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from flexunet.blocks import DecoderBlock, EncoderBlock, LayerInfo
+from flexunet.validation import check_int, nearest_multiples
+
+
+class IntermediateFeature(NamedTuple):
+    """A decoder block's input and its stride relative to the network input."""
+
+    tensor: torch.Tensor
+    stride: int
+
+
+@dataclass(frozen=True)
+class PlacedBlock:
+    """A block spec placed in the network: its name, channels, strides and skip wiring.
+
+    Attributes:
+        spec: The block spec.
+        name: Keras layer prefix, also the key of its module in `blocks`.
+        section: "stem", "encoder" or "decoder".
+        stack: Stack index (None for the stem).
+        in_channels / out_channels: Channels entering and leaving the block.
+        in_stride / out_stride: Strides of its input and output.
+        skip_channels: Decoder blocks: channels of the skip source, or None.
+        skip_source: Decoder blocks: index into the stack's skip sources, or None.
+        saves_skip: Stem/encoder blocks: the output is kept as a skip source.
+    """
+
+    spec: Union[EncoderBlock, DecoderBlock]
+    name: str
+    section: str
+    stack: Optional[int]
+    in_channels: int
+    out_channels: int
+    in_stride: int
+    out_stride: int
+    skip_channels: Optional[int] = None
+    skip_source: Optional[int] = None
+    saves_skip: bool = False
+
+    def layers(self) -> list[LayerInfo]:
+        """Keras-named layers of the block (see `LayerInfo`)."""
+        if self.section == "decoder":
+            return self.spec.layers(self.in_channels, self.skip_channels, self.name)
+        base = self.name[: len(self.name) - len(getattr(self.spec, "block_prefix", ""))]
+        return self.spec.layers(self.in_channels, base)
+
+    @property
+    def num_params(self) -> int:
+        """Trainable parameters, from the spec alone."""
+        if self.section == "decoder":
+            return self.spec.num_params(self.in_channels, self.skip_channels)
+        return self.spec.num_params(self.in_channels)
+
+
+def _product(values) -> int:
+    return int(math.prod(values))
+
+
+class EncoderDecoder(nn.Module):
+    """Base class of encoder-decoder networks built from block specs.
+
+    Subclasses call `super().__init__(stacks, in_channels)`, set their own
+    hyperparameters, define the `stem_stack` / `encoder_stack` / `decoder_stack`
+    properties and finish their `__init__` with `self.build()`.
+
+    Args:
+        stacks: Number of times the encoder-decoder is repeated.
+        in_channels: Channels of the input images.
+    """
+
+    def __init__(self, stacks: int = 1, in_channels: int = 1):
+        super().__init__()
+        self.stacks = check_int("stacks", stacks, minimum=1)
+        self.in_channels = check_int("in_channels", in_channels, minimum=1)
+
+    # ------------------------------------------------------------------ specs
+    @property
+    def stem_stack(self) -> Optional[Sequence[EncoderBlock]]:
+        """Specs of the stem (run once, before the first stack), or None."""
+        return None
+
+    @property
+    def encoder_stack(self) -> Sequence[EncoderBlock]:
+        """Specs of the encoder blocks of one stack."""
+        raise NotImplementedError("EncoderDecoder subclasses must define encoder_stack.")
+
+    @property
+    def decoder_stack(self) -> Sequence[DecoderBlock]:
+        """Specs of the decoder blocks of one stack."""
+        raise NotImplementedError("EncoderDecoder subclasses must define decoder_stack.")
+
+    # ---------------------------------------------------------------- strides
+    @property
+    def stem_features_stride(self) -> int:
+        """Stride of the stem's output (1 without a stem)."""
+        return _product(b.stride for b in self.stem_stack or [])
+
+    @property
+    def encoder_features_stride(self) -> int:
+        """Stride of the encoder's output, stem included."""
+        return self.stem_features_stride * _product(b.stride for b in self.encoder_stack)
+
+    @property
+    def decoder_features_stride(self) -> int:
+        """Stride of the decoder's output, i.e. of the network output."""
+        return self.encoder_features_stride // _product(b.upsampling_stride for b in self.decoder_stack)
+
+    @property
+    def maximum_stride(self) -> int:
+        """Input height and width must be multiples of this."""
+        return self.encoder_features_stride
+
+    @property
+    def output_stride(self) -> int:
+        """Stride of the network output relative to the input."""
+        return self.decoder_features_stride
+
+    # ------------------------------------------------------------------- plan
+    def plan(self) -> list[PlacedBlock]:
+        """Place every block: names, channels, strides and skip wiring, from the specs only."""
+        stem = list(self.stem_stack or [])
+        encoder, decoder = list(self.encoder_stack), list(self.decoder_stack)
+        for where, specs, kind in (
+            ("stem_stack", stem, EncoderBlock),
+            ("encoder_stack", encoder, EncoderBlock),
+            ("decoder_stack", decoder, DecoderBlock),
+        ):
+            for spec in specs:
+                if not isinstance(spec, kind):
+                    raise TypeError(f"{where} must hold {kind.__name__} specs, got {spec!r}.")
+        if self.stacks > 1 and self.stem_features_stride != self.decoder_features_stride:
+            raise ValueError(
+                f"stacks={self.stacks} needs the decoder to return to the stem's stride "
+                f"({self.stem_features_stride}), but it ends at stride {self.decoder_features_stride}; "
+                "use stacks=1 or as many up blocks as down blocks (a stem can provide output stride > 1)."
+            )
+
+        placed: list[PlacedBlock] = []
+        channels, stride = self.in_channels, 1
+        for i, spec in enumerate(stem):
+            out = spec.out_channels(channels)
+            placed.append(PlacedBlock(spec, spec.block_name(f"stem{i}"), "stem", None,
+                                      channels, out, stride, stride * spec.stride))
+            channels, stride = out, stride * spec.stride
+        stem_sources = []
+        if stem:
+            placed[-1] = replace(placed[-1], saves_skip=True)
+            stem_sources = [(stride, channels)]
+
+        for s in range(self.stacks):
+            # Encoder: remember the first output at each new stride as a skip source.
+            sources = list(stem_sources)
+            enc_strides: list[int] = []
+            candidates: list[int] = []  # indices into `placed` of encoder skip sources
+            stride = self.stem_features_stride
+            for i, spec in enumerate(encoder):
+                out = spec.out_channels(channels)
+                new_stride = stride * spec.stride
+                placed.append(PlacedBlock(spec, spec.block_name(f"stack{s}_enc{i}"), "encoder", s,
+                                          channels, out, stride, new_stride))
+                if new_stride not in enc_strides:
+                    enc_strides.append(new_stride)
+                    candidates.append(len(placed) - 1)
+                channels, stride = out, new_stride
+            for idx in candidates[:-1]:
+                placed[idx] = replace(placed[idx], saves_skip=True)
+                sources.append((placed[idx].out_stride, placed[idx].out_channels))
+
+            # Decoder: each block takes the first source at the stride it upsamples to.
+            for i, spec in enumerate(decoder):
+                next_stride = stride // spec.upsampling_stride
+                src = next((k for k, (st, _) in enumerate(sources) if st == next_stride), None)
+                skip_c = sources[src][1] if src is not None else None
+                out = spec.out_channels(channels, skip_c)
+                placed.append(PlacedBlock(spec, spec.block_name(f"stack{s}_dec{i}", stride), "decoder", s,
+                                          channels, out, stride, next_stride, skip_c, src))
+                channels, stride = out, next_stride
+        names = [p.name for p in placed]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"block names must be unique, but {duplicates} appear more than once.")
+        return placed
+
+    def build(self) -> None:
+        """Build one module per placed block, keyed by its Keras prefix in `self.blocks`."""
+        self._plan = self.plan()
+        modules = {}
+        for p in self._plan:
+            if p.section == "decoder":
+                modules[p.name] = p.spec.make_block(p.in_channels, p.skip_channels, p.name)
+            else:
+                base = p.name[: len(p.name) - len(getattr(p.spec, "block_prefix", ""))]
+                modules[p.name] = p.spec.make_block(p.in_channels, base)
+        self.blocks = nn.ModuleDict(modules)
+        self.out_channels = self._plan[-1].out_channels if self._plan else self.in_channels
+        # Per-stack execution order, as plain lists of (name, flags) for a readable forward.
+        self._stem_names = [p.name for p in self._plan if p.section == "stem"]
+        self._stacks = []
+        for s in range(self.stacks):
+            enc = [(p.name, p.saves_skip) for p in self._plan if p.section == "encoder" and p.stack == s]
+            dec = [(p.name, p.skip_source, p.in_stride) for p in self._plan
+                   if p.section == "decoder" and p.stack == s]
+            self._stacks.append((enc, dec))
+
+    def num_params_from_specs(self) -> int:
+        """Total trainable parameters computed from the specs, without building modules."""
+        return sum(p.num_params for p in self.plan())
+
+    # ---------------------------------------------------------------- forward
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a `ValueError`/`TypeError` naming what is wrong with an input batch."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor of shape (N, {self.in_channels}, H, W), got {type(x).__name__}.")
+        if x.dim() != 4:
+            raise ValueError(
+                f"input must have 4 dimensions (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}."
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"input must have {self.in_channels} channels (dim 1 of N, C, H, W), got shape {tuple(x.shape)}; "
+                "images in NHWC layout need x.permute(0, 3, 1, 2)."
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}; convert with x.float().")
+        stride = self.maximum_stride
+        for axis, size in (("height", x.shape[2]), ("width", x.shape[3])):
+            if size % stride:
+                lo, hi = nearest_multiples(int(size), stride)
+                raise ValueError(
+                    f"input {axis} must be a multiple of the maximum stride {stride}, got {int(size)}; "
+                    f"nearest valid sizes: {lo} or {hi} (or pad the input)."
+                )
+
+    def _run(self, x: torch.Tensor, keep_features: bool):
+        self.check_input(x)
+        for name in self._stem_names:
+            x = self.blocks[name](x)
+        stem_out = [x] if self._stem_names else []
+        outputs, features = [], []
+        for enc, dec in self._stacks:
+            sources = list(stem_out)
+            for name, saves_skip in enc:
+                x = self.blocks[name](x)
+                if saves_skip:
+                    sources.append(x)
+            stack_features = []
+            for name, src, stride in dec:
+                if keep_features:
+                    stack_features.append(IntermediateFeature(x, stride))
+                x = self.blocks[name](x, None if src is None else sources[src])
+            outputs.append(x)
+            features.append(stack_features)
+        return outputs, features
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:
+        """Run the network on `x` of shape (N, in_channels, H, W).
+
+        Returns:
+            The output (N, out_channels, H / output_stride, W / output_stride), or a
+            list with one such tensor per stack when `stacks > 1`.
+        """
+        outputs, _ = self._run(x, keep_features=False)
+        return outputs[0] if self.stacks == 1 else outputs
+
+    def forward_intermediates(self, x: torch.Tensor):
+        """Run the network and also return every decoder block's input.
+
+        Returns:
+            `(output, features)`: as `forward`, and a list of `IntermediateFeature`
+            (one per decoder block, in order) or, with `stacks > 1`, a list of such
+            lists, one per stack; as SLEAP's `make_backbone` returns them.
+        """
+        outputs, features = self._run(x, keep_features=True)
+        if self.stacks == 1:
+            return outputs[0], features[0]
+        return outputs, features

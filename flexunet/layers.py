@@ -1,0 +1,160 @@
+"""Primitive layers with TensorFlow/Keras numerics.
+
+Keras pads 'same' convolutions, pools and transposed convolutions with the
+extra pixel at the bottom/right, where PyTorch's usual `padding=` choices put
+it at the top/left or on both sides. These layers reproduce Keras exactly, so
+weights trained in SLEAP give the same numbers here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Keras' BatchNormalization defaults (momentum 0.99 is 1 - 0.01 in PyTorch's convention).
+KERAS_BN_EPS = 1e-3
+KERAS_BN_MOMENTUM = 0.01
+
+
+class Conv2dSame(nn.Conv2d):
+    """Stride-1 convolution with Keras 'same' padding for any kernel size.
+
+    Odd kernels pad symmetrically; even kernels put the extra row/column at the
+    bottom/right, as TensorFlow does (PyTorch's `padding="same"` agrees).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True):
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=1,
+            padding=(kernel_size - 1) // 2 if kernel_size % 2 else "same",
+            bias=bias,
+        )
+
+
+class MaxPool2dSame(nn.Module):
+    """Max pooling with a 2x2 window and Keras 'same' padding.
+
+    The output has `ceil(size / stride)` pixels; missing window positions at the
+    bottom/right are ignored (padded with -inf), as in TensorFlow.
+    """
+
+    def __init__(self, stride: int = 2, pool_size: int = 2):
+        super().__init__()
+        self.stride = stride
+        self.pool_size = pool_size
+
+    def extra_repr(self) -> str:
+        return f"pool_size={self.pool_size}, stride={self.stride}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s = self.pool_size, self.stride
+        if k == s:
+            # Windows tile the input; ceil_mode keeps the clipped last window like TF.
+            return F.max_pool2d(x, k, s, ceil_mode=True)
+        pads = []
+        for size in (x.shape[-1], x.shape[-2]):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.max_pool2d(F.pad(x, pads, value=float("-inf")), k, s)
+
+
+class ConvTranspose2dSame(nn.ConvTranspose2d):
+    """Transposed convolution with Keras 'same' padding: output = input * stride.
+
+    TensorFlow crops `max(k - s, 0) // 2` pixels from the top/left of the full
+    transposed convolution and the rest from the bottom/right; for kernels
+    smaller than the stride it pads the bottom/right instead. PyTorch's usual
+    `padding=1, output_padding=1` for k=3, s=2 crops the wrong side.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, bias: bool = True):
+        total = max(kernel_size - stride, 0)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=total // 2,
+            output_padding=max(stride - kernel_size, 0),
+            bias=bias,
+        )
+        self.crop_end = total % 2  # extra pixel TF drops at the bottom/right
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv_transpose2d(
+            x, self.weight, self.bias, self.stride, self.padding, self.output_padding
+        )
+        if self.crop_end:
+            y = y[:, :, : y.shape[2] - self.crop_end, : y.shape[3] - self.crop_end]
+        return y
+
+
+class Upsample(nn.Module):
+    """Keras `UpSampling2D`: integer-factor nearest or bilinear (half-pixel centres)."""
+
+    def __init__(self, scale: int, mode: str = "bilinear"):
+        super().__init__()
+        self.scale = scale
+        self.mode = mode
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, mode={self.mode!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "bilinear":
+            return F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        return F.interpolate(x, scale_factor=self.scale, mode="nearest")
+
+
+class KerasHardSigmoid(nn.Module):
+    """Keras 2 `hard_sigmoid`: clip(0.2 * x + 0.5, 0, 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(0.2 * x + 0.5, 0.0, 1.0)
+
+
+class ChannelSoftmax(nn.Softmax):
+    """Keras `softmax` activation: over the channel axis (dim 1 in NCHW, last in (N, C))."""
+
+    def __init__(self):
+        super().__init__(dim=1)
+
+
+class Exponential(nn.Module):
+    """Keras `exponential` activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(x)
+
+
+# Keras activation name -> module factory. Names follow `tf.keras.activations`.
+ACTIVATIONS = {
+    "linear": nn.Identity,
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "softmax": ChannelSoftmax,
+    "elu": nn.ELU,
+    "selu": nn.SELU,
+    "softplus": nn.Softplus,
+    "softsign": nn.Softsign,
+    "swish": nn.SiLU,
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+    "exponential": Exponential,
+    "hard_sigmoid": KerasHardSigmoid,
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    """Return the module for a Keras activation name (see `ACTIVATIONS`)."""
+    return ACTIVATIONS[name]()
+
+
+def batch_norm(channels: int) -> nn.BatchNorm2d:
+    """BatchNorm2d with Keras' epsilon and momentum."""
+    return nn.BatchNorm2d(channels, eps=KERAS_BN_EPS, momentum=KERAS_BN_MOMENTUM)
