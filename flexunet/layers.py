@@ -21,18 +21,19 @@ class Conv2dSame(nn.Conv2d):
     """Stride-1 convolution with Keras 'same' padding for any kernel size.
 
     Odd kernels pad symmetrically; even kernels put the extra row/column at the
-    bottom/right, as TensorFlow does (PyTorch's `padding="same"` agrees).
+    bottom/right, as TensorFlow does.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True):
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=1,
-            padding=(kernel_size - 1) // 2 if kernel_size % 2 else "same",
-            bias=bias,
-        )
+        odd = kernel_size % 2 == 1
+        super().__init__(in_channels, out_channels, kernel_size, padding=(kernel_size - 1) // 2 if odd else 0, bias=bias)
+        before = (kernel_size - 1) // 2
+        self.asymmetric_pad = None if odd else (before, kernel_size - 1 - before) * 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.asymmetric_pad is not None:
+            x = F.pad(x, self.asymmetric_pad)
+        return super().forward(x)
 
 
 class MaxPool2dSame(nn.Module):

@@ -102,6 +102,10 @@ class SleapModel(nn.Module):
         """Input height and width must be multiples of this."""
         return self.backbone.maximum_stride
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a `ValueError`/`TypeError` naming what is wrong with an input batch."""
+        self.backbone.check_input(x)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run backbone and heads; returns `{output layer name: tensor}` in output order."""
         outputs, features = self.backbone._run(x, keep_features=self._needs_features)

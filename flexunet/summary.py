@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass, field
 from typing import Optional
+
+from torch import nn
 
 from flexunet.blocks import LayerInfo
 from flexunet.encoder_decoder import EncoderDecoder, PlacedBlock
@@ -101,40 +104,78 @@ def layer_rows(plan: list[PlacedBlock], height: int, width: int) -> list[LayerRo
     return rows
 
 
+def _input_interval(layer: LayerInfo, lo: int, hi: int) -> tuple[int, int]:
+    """Input indices (1-D, unbounded canvas) that feed outputs lo..hi of `layer`."""
+    k, s, u = layer.kernel, layer.stride, layer.upsample
+    if layer.kind == "Conv2D":
+        before = (k - 1) // 2  # 'same': the odd pixel of padding goes after
+        return lo - before, hi - before + k - 1
+    if layer.kind == "MaxPool2D":
+        return lo * s, hi * s + k - 1  # inputs are multiples of the stride: no padding before
+    if layer.kind == "Conv2DTranspose":
+        crop = max(k - u, 0) // 2
+        return -((k - 1 - lo - crop) // u), (hi + crop) // u
+    if layer.kind == "UpSampling2D":
+        if layer.name.endswith("bilinear"):
+            first = Fraction(2 * lo + 1, 2 * u) - Fraction(1, 2)
+            last = Fraction(2 * hi + 1, 2 * u) - Fraction(1, 2)
+            return math.floor(first), math.ceil(last)
+        return lo // u, hi // u
+    return lo, hi
+
+
 def receptive_field(model: EncoderDecoder) -> int:
-    """Theoretical receptive field (pixels) of one output unit, along the deepest path.
+    """Receptive field (pixels) of one output unit, through every path of the network.
 
-    Skip connections never widen it; every layer on the path from the input to
-    the last stack's output does: a k x k conv adds (k - 1) steps, a 2x2 pool
-    one step before multiplying the step, a transposed conv ceil(k / s) - 1
-    steps and a bilinear upsampling one step before dividing it.
+    Walks the blocks backwards from an output pixel, mapping the interval of
+    pixels it depends on through each layer (and into the skip sources), on an
+    unbounded canvas; the widest interval over output positions is returned.
     """
-    rf, jump = 1.0, 1.0
-    for block in model.plan():
-        for layer in block.layers():
-            if layer.kind == "Conv2D":
-                rf += (layer.kernel - 1) * jump
-            elif layer.kind == "MaxPool2D":
-                rf += (layer.kernel - 1) * jump
-                jump *= layer.stride
-            elif layer.kind == "Conv2DTranspose":
-                rf += (math.ceil(layer.kernel / layer.upsample) - 1) * jump
-                jump /= layer.upsample
-            elif layer.kind == "UpSampling2D":
-                if layer.name.endswith("bilinear"):
-                    rf += jump
-                jump /= layer.upsample
-    return int(round(rf))
+    plan = model.plan()
+    last_stack = max((p.stack for p in plan if p.stack is not None), default=None)
+    widest = 1
+    for offset in range(2 * model.maximum_stride):
+        needed: dict[int, tuple[int, int]] = {}  # block index -> output interval it must provide
+        current = (offset, offset)
+        start = max(i for i, p in enumerate(plan) if p.stack == last_stack and p.section != "stem")
+        needed[start] = current
+        sources = [i for i, p in enumerate(plan) if p.saves_skip]
+        for i in range(start, -1, -1):
+            block = plan[i]
+            if i not in needed:
+                continue
+            lo, hi = needed.pop(i)
+            layers = block.layers()
+            for layer in reversed(layers):
+                if layer.kind in ("Concatenate", "Add") and block.skip_source is not None:
+                    stack_sources = [j for j in sources if plan[j].section == "stem"
+                                     or plan[j].stack == block.stack]
+                    j = stack_sources[block.skip_source]
+                    old = needed.get(j, (lo, hi))
+                    needed[j] = (min(old[0], lo), max(old[1], hi))
+                lo, hi = _input_interval(layer, lo, hi)
+            if i > 0:
+                old = needed.get(i - 1, (lo, hi))
+                needed[i - 1] = (min(old[0], lo), max(old[1], hi))
+            else:
+                widest = max(widest, hi - lo + 1)
+    return widest
 
 
-def summarize(model: EncoderDecoder, input_shape: Optional[tuple[int, int, int]] = None) -> Summary:
+def summarize(model, input_shape: Optional[tuple[int, int, int]] = None) -> Summary:
     """Describe `model` for an input of `input_shape` = (H, W, C), without running it.
 
     Args:
-        model: A flexunet `EncoderDecoder` (e.g. `UNet`).
+        model: A flexunet `EncoderDecoder` (e.g. `UNet`) or a `SleapModel`, whose
+            heads are listed after the backbone.
         input_shape: (height, width, channels); defaults to 192x192 (rounded up to
             the maximum stride) with the model's input channels.
     """
+    heads = getattr(model, "head_specs", None)
+    if heads is not None:
+        summary = summarize(model.backbone, input_shape)
+        _add_heads(summary, model)
+        return summary
     stride = model.maximum_stride
     if input_shape is None:
         side = max(192, stride) // stride * stride
@@ -170,3 +211,24 @@ def summarize(model: EncoderDecoder, input_shape: Optional[tuple[int, int, int]]
 def _last_of_stack(plan: list[PlacedBlock], block: PlacedBlock) -> Optional[PlacedBlock]:
     same = [p for p in plan if p.stack == block.stack and p.section != "stem"]
     return same[-1] if same else None
+
+
+def _add_heads(summary: Summary, model) -> None:
+    """Append the heads of a `SleapModel` to a backbone summary."""
+    h, w, _ = summary.input_shape
+    table = [("head", "kind", "stride", "output", "params")]
+    for spec in model.head_specs:
+        module = model.heads[spec.name]
+        params = sum(p.numel() for p in module.parameters())
+        pixels = 1 if spec.is_vector else (h // spec.output_stride) * (w // spec.output_stride)
+        weights = sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        shape = str(spec.channels) if spec.is_vector else f"{h // spec.output_stride}x{w // spec.output_stride}x{spec.channels}"
+        table.append((spec.name, spec.kind, str(spec.output_stride), shape, f"{params:,}"))
+        summary.total_params += params
+        summary.param_bytes += 4 * params
+        summary.flops += 2 * weights * pixels
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = ["  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in table]
+    summary.extra_sections.append(
+        "heads:\n" + "\n".join(lines) + f"\ntotal parameters with heads: {summary.total_params:,}"
+    )

@@ -79,10 +79,11 @@ class UNet(EncoderDecoder):
                 f"up_blocks must be <= down_blocks + stem_blocks ({depth}), got {self.up_blocks}; "
                 "the decoder cannot upsample past the input resolution."
             )
-        if stacks > 1 and self.up_blocks != self.down_blocks:
+        if stacks > 1 and self.up_blocks != max(self.down_blocks, 1):
             raise ValueError(
                 f"stacks={stacks} needs the decoder to return to the stem's stride, i.e. "
-                f"up_blocks == down_blocks ({self.down_blocks}), got up_blocks={self.up_blocks}."
+                f"up_blocks == down_blocks ({self.down_blocks}) with down_blocks >= 1, got "
+                f"up_blocks={self.up_blocks}."
             )
         for name, k in self._filter_exponents():
             if self._filters(k) < 1:

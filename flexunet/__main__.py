@@ -1,0 +1,7 @@
+"""`python -m flexunet` runs the `flexunet` command."""
+
+import sys
+
+from flexunet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,159 @@
+"""`flexunet` command line: a thin shell over the library.
+
+    flexunet summary [--config FILE] [--input-shape H W C]
+    flexunet convert MODEL_DIR OUT
+
+Errors print one line on stderr and exit with status 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+EXIT_USAGE = 2
+
+
+def _summary(args: argparse.Namespace) -> None:
+    from flexunet.summary import summarize
+
+    model = _model_for_summary(args.config, args.input_shape)
+    shape = tuple(args.input_shape) if args.input_shape else None
+    print(summarize(model, shape))
+
+
+def _model_for_summary(config: Optional[str], input_shape: Optional[list[int]]):
+    from flexunet.unet import UNet
+
+    channels = input_shape[2] if input_shape else None
+    if config is None:
+        return UNet(in_channels=channels or 1)
+    from flexunet.config_files import model_from_config_file, read_json
+
+    data = read_json(config)
+    if isinstance(data, dict) and "model" in data:
+        # A SLEAP training config: take the input channels from best_model.h5 beside it, if any.
+        weights = os.path.join(os.path.dirname(os.path.abspath(config)), "best_model.h5")
+        if os.path.isfile(weights):
+            from flexunet.sleap import load_model
+
+            model = load_model(os.path.dirname(os.path.abspath(config)))
+            if channels is not None and channels != model.in_channels:
+                raise ValueError(
+                    f"--input-shape has {channels} channels, but {weights} takes {model.in_channels}."
+                )
+            return model
+    return model_from_config_file(config, in_channels=channels)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    import torch
+
+    from flexunet.export import export_onnx
+    from flexunet.serialization import load, save
+    from flexunet.sleap import load_model
+
+    source_dir = args.model_dir
+    if os.path.isfile(os.path.join(source_dir, "training_config.json")):
+        model = load_model(source_dir)
+    else:
+        model = load(source_dir)
+    model.eval()
+    stride = model.maximum_stride
+    side = max(64, stride)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(2, model.in_channels, side, side, generator=generator)
+    with torch.inference_mode():
+        expected = _as_dict(model(x))
+
+    if args.out.lower().endswith(".onnx"):
+        import onnxruntime
+
+        export_onnx(model, args.out, x)
+        session = onnxruntime.InferenceSession(args.out, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: x.numpy()})))
+        got = {k: torch.from_numpy(v) for k, v in got.items()}
+        kind = "ONNX"
+    else:
+        save(model, args.out)
+        with torch.inference_mode():
+            got = _as_dict(load(args.out)(x))
+        kind = "flexunet"
+    if list(got) != list(expected):
+        raise ValueError(f"converted outputs {list(got)} differ from the source's {list(expected)}.")
+    worst = max(float((got[k] - expected[k]).abs().max()) for k in expected)
+    print(f"wrote {kind} model to {args.out}")
+    print(f"verified on a random {tuple(x.shape)} input: largest difference {worst:.3g} "
+          f"over outputs {', '.join(expected)}")
+
+
+def _as_dict(output) -> dict:
+    if isinstance(output, dict):
+        return output
+    if isinstance(output, list):
+        return {f"output_{i}": t for i, t in enumerate(output)}
+    return {"output": output}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `flexunet` command."""
+    parser = argparse.ArgumentParser(
+        prog="flexunet",
+        description="SLEAP's generalized UNet in PyTorch: inspect, convert and export models.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "summary", help="per-layer table, parameters, strides, receptive field, FLOPs and memory",
+        description="Print a model's layers (SLEAP layer names), parameter count, strides, receptive "
+        "field, FLOPs and memory. Without --config: the default UNet (34,512,128 parameters).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="JSON file: UNet parameters, a UNetConfig, a SLEAP training_config.json or a "
+                   "flexunet config.json (default: the default UNet)")
+    p.add_argument("--input-shape", nargs=3, type=int, metavar=("H", "W", "C"), default=None,
+                   help="input height, width and channels (default: 192 192 and the model's channels)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback on errors")
+    p.set_defaults(func=_summary)
+
+    p = sub.add_parser(
+        "convert", help="convert a SLEAP model folder (or flexunet directory) and verify it",
+        description="Convert MODEL_DIR (a SLEAP folder with training_config.json and best_model.h5, "
+        "or a flexunet directory) to OUT: a directory (flexunet.save format) or a .onnx file. "
+        "The result is run on a random input and compared with the source.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="SLEAP model folder or flexunet model directory")
+    p.add_argument("out", metavar="OUT", help="output directory, or a file ending in .onnx")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback on errors")
+    p.set_defaults(func=_convert)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the `flexunet` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # every failure becomes one line unless --debug
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"flexunet {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

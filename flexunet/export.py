@@ -1,0 +1,81 @@
+"""Export to `torch.export` programs and ONNX, with dynamic batch, height and width."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _maximum_stride(model: nn.Module) -> int:
+    stride = getattr(model, "maximum_stride", None)
+    if not isinstance(stride, int):
+        raise TypeError(f"expected a flexunet model (UNet or SleapModel), got {type(model).__name__}.")
+    return stride
+
+
+def _spatial_is_dynamic(model: nn.Module) -> bool:
+    # A class-vectors head that flattens without pooling fixes the feature map size.
+    specs = getattr(model, "head_specs", [])
+    return all(s.global_pool for s in specs if s.is_vector)
+
+
+def dynamic_shapes(model: nn.Module, example_input: torch.Tensor) -> tuple[dict[int, Any]]:
+    """`torch.export` dynamic shapes for `model`: any batch, H and W multiples of the maximum stride."""
+    stride = _maximum_stride(model)
+    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=4096)}
+    if _spatial_is_dynamic(model):
+        dims[2] = stride * torch.export.Dim("height_blocks", min=1, max=65536 // stride)
+        dims[3] = stride * torch.export.Dim("width_blocks", min=1, max=65536 // stride)
+    return (dims,)
+
+
+def export_program(model: nn.Module, example_input: torch.Tensor) -> torch.export.ExportedProgram:
+    """`torch.export.export` of `model` with dynamic batch, height and width.
+
+    Args:
+        model: A flexunet model; put it in eval mode first for inference.
+        example_input: (N, C, H, W) input used for tracing.
+    """
+    _maximum_stride(model)
+    model.check_input(example_input)
+    return torch.export.export(model, (example_input,), dynamic_shapes=dynamic_shapes(model, example_input))
+
+
+def output_names(model: nn.Module) -> list[str]:
+    """ONNX output names: head names for SLEAP models, `output` (or `output_{stack}`) for UNets."""
+    specs = getattr(model, "head_specs", None)
+    if specs is not None:
+        return [name for name, _, _ in model._routes]
+    stacks = getattr(model, "stacks", 1)
+    return ["output"] if stacks == 1 else [f"output_{i}" for i in range(stacks)]
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,
+                opset_version: int | None = None) -> str:
+    """Write `model` as an ONNX file with dynamic batch, height and width.
+
+    Height and width must be multiples of the model's maximum stride at run time,
+    as in PyTorch. Needs the `export` extra (`onnx`, `onnxscript`).
+
+    Args:
+        model: A flexunet model (`UNet` or `SleapModel`); it is exported in its
+            current mode, so call `.eval()` first.
+        path: Output `.onnx` file.
+        example_input: (N, C, H, W) float input used for tracing.
+        opset_version: ONNX opset, or None for the exporter's default.
+
+    Returns:
+        The path written.
+    """
+    path = os.fspath(path)
+    program = export_program(model, example_input)
+    kwargs = {} if opset_version is None else {"opset_version": opset_version}
+    onnx_program = torch.onnx.export(
+        program, (example_input,), input_names=["input"], output_names=output_names(model),
+        dynamo=True, verbose=False, **kwargs,
+    )
+    onnx_program.save(path)
+    return path
