@@ -216,6 +216,7 @@ class EncoderDecoder(nn.Module):
                 base = p.name[: len(p.name) - len(getattr(p.spec, "block_prefix", ""))]
                 modules[p.name] = p.spec.make_block(p.in_channels, base)
         self.blocks = nn.ModuleDict(modules)
+        self._input_multiple = self.maximum_stride  # cached: forward must not rebuild the specs
         self.out_channels = self._plan[-1].out_channels if self._plan else self.in_channels
         # Per-stack execution order, as plain lists of (name, flags) for a readable forward.
         self._stem_names = [p.name for p in self._plan if p.section == "stem"]
@@ -246,7 +247,7 @@ class EncoderDecoder(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}; convert with x.float().")
-        stride = self.maximum_stride
+        stride = self._input_multiple
         for axis, size in (("height", x.shape[2]), ("width", x.shape[3])):
             if size % stride:
                 lo, hi = nearest_multiples(int(size), stride)

@@ -23,12 +23,16 @@ def _spatial_is_dynamic(model: nn.Module) -> bool:
 
 
 def dynamic_shapes(model: nn.Module, example_input: torch.Tensor) -> tuple[dict[int, Any]]:
-    """`torch.export` dynamic shapes for `model`: any batch, H and W multiples of the maximum stride."""
+    """`torch.export` dynamic shapes for `model`: any batch, H and W multiples of the maximum stride.
+
+    H and W must be at least twice the maximum stride: at one stride the bottom of
+    the network is 1x1, which the tracer treats as a special case.
+    """
     stride = _maximum_stride(model)
     dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=4096)}
     if _spatial_is_dynamic(model):
-        dims[2] = stride * torch.export.Dim("height_blocks", min=1, max=65536 // stride)
-        dims[3] = stride * torch.export.Dim("width_blocks", min=1, max=65536 // stride)
+        dims[2] = stride * torch.export.Dim("height_blocks", min=2, max=65536 // stride)
+        dims[3] = stride * torch.export.Dim("width_blocks", min=2, max=65536 // stride)
     return (dims,)
 
 
@@ -39,9 +43,19 @@ def export_program(model: nn.Module, example_input: torch.Tensor) -> torch.expor
         model: A flexunet model; put it in eval mode first for inference.
         example_input: (N, C, H, W) input used for tracing.
     """
-    _maximum_stride(model)
+    stride = _maximum_stride(model)
     model.check_input(example_input)
-    return torch.export.export(model, (example_input,), dynamic_shapes=dynamic_shapes(model, example_input))
+    return torch.export.export(model, (_tracing_input(model, example_input, stride),),
+                               dynamic_shapes=dynamic_shapes(model, example_input))
+
+
+def _tracing_input(model: nn.Module, x: torch.Tensor, stride: int) -> torch.Tensor:
+    # A size of 1 (batch) or of one stride (H, W) would be specialised by the tracer as a
+    # constant, so trace with at least 2 of each; the values do not matter.
+    n, c, h, w = x.shape
+    if _spatial_is_dynamic(model):
+        h, w = max(h, 2 * stride), max(w, 2 * stride)
+    return torch.zeros(max(n, 2), c, h, w, dtype=x.dtype, device=x.device)
 
 
 def output_names(model: nn.Module) -> list[str]:
@@ -57,8 +71,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
                 opset_version: int | None = None) -> str:
     """Write `model` as an ONNX file with dynamic batch, height and width.
 
-    Height and width must be multiples of the model's maximum stride at run time,
-    as in PyTorch. Needs the `export` extra (`onnx`, `onnxscript`).
+    Height and width must be multiples of the model's maximum stride (at least two
+    of them) at run time. Needs the `export` extra (`onnx`, `onnxscript`).
 
     Args:
         model: A flexunet model (`UNet` or `SleapModel`); it is exported in its
@@ -74,7 +88,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
     program = export_program(model, example_input)
     kwargs = {} if opset_version is None else {"opset_version": opset_version}
     onnx_program = torch.onnx.export(
-        program, (example_input,), input_names=["input"], output_names=output_names(model),
+        program, (_tracing_input(model, example_input, _maximum_stride(model)),), input_names=["input"], output_names=output_names(model),
         dynamo=True, verbose=False, **kwargs,
     )
     onnx_program.save(path)
