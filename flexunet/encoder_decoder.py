@@ -216,6 +216,7 @@ class EncoderDecoder(nn.Module):
                 base = p.name[: len(p.name) - len(getattr(p.spec, "block_prefix", ""))]
                 modules[p.name] = p.spec.make_block(p.in_channels, base)
         self.blocks = nn.ModuleDict(modules)
+        self.to(memory_format=torch.channels_last)
         self._input_multiple = self.maximum_stride  # cached: forward must not rebuild the specs
         self.out_channels = self._plan[-1].out_channels if self._plan else self.in_channels
         # Per-stack execution order, as plain lists of (name, flags) for a readable forward.
@@ -258,6 +259,8 @@ class EncoderDecoder(nn.Module):
 
     def _run(self, x: torch.Tensor, keep_features: bool):
         self.check_input(x)
+        # Channels-last memory lets oneDNN and the GEMM paths run without layout copies.
+        x = x.contiguous(memory_format=torch.channels_last)
         for name in self._stem_names:
             x = self.blocks[name](x)
         stem_out = [x] if self._stem_names else []

@@ -8,13 +8,19 @@ weights trained in SLEAP give the same numbers here.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexunet import fastconv
+
 # Keras' BatchNormalization defaults (momentum 0.99 is 1 - 0.01 in PyTorch's convention).
 KERAS_BN_EPS = 1e-3
 KERAS_BN_MOMENTUM = 0.01
+# 3x3 convolutions with at least this many input and output channels use Winograd on CPU.
+WINOGRAD_MIN_CHANNELS = 256
 
 
 class Conv2dSame(nn.Conv2d):
@@ -29,11 +35,35 @@ class Conv2dSame(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, padding=(kernel_size - 1) // 2 if odd else 0, bias=bias)
         before = (kernel_size - 1) // 2
         self.asymmetric_pad = None if odd else (before, kernel_size - 1 - before) * 2
+        # Winograd pays off once both channel counts are large (see benchmarks/).
+        self.winograd = kernel_size == 3 and min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS
+        self._winograd_cache: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.winograd and fastconv.use_fast_path(x):
+            y = self._winograd(x)
+            if y is not None:
+                return y
         if self.asymmetric_pad is not None:
             x = F.pad(x, self.asymmetric_pad)
         return super().forward(x)
+
+    def _winograd(self, x: torch.Tensor) -> torch.Tensor | None:
+        w = self.weight
+        autocast = torch.is_autocast_enabled("cpu")
+        dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
+        if dtype not in (torch.float32, torch.bfloat16):
+            return None
+        tracked = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)
+        if tracked:
+            # Training: float32 only, with the kernel transform inside the autograd graph.
+            return fastconv.winograd_conv3x3(x, w, self.bias) if dtype == x.dtype == w.dtype == torch.float32 else None
+        key = (w.data_ptr(), w._version, dtype)
+        if self._winograd_cache is None or self._winograd_cache[0] != key:
+            kernel = fastconv.winograd_kernel(w.detach(), fastconv.winograd_tile(dtype)).to(dtype)
+            self._winograd_cache = (key, kernel)
+        with torch.autocast("cpu", enabled=False):
+            return fastconv.winograd_conv3x3(x.to(dtype), w, self.bias, kernel=self._winograd_cache[1])
 
 
 class MaxPool2dSame(nn.Module):
@@ -86,6 +116,8 @@ class ConvTranspose2dSame(nn.ConvTranspose2d):
         self.crop_end = total % 2  # extra pixel TF drops at the bottom/right
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fastconv.use_fast_path(x):
+            return fastconv.transposed_conv(x, self.weight, self.bias, self.stride[0])
         y = F.conv_transpose2d(
             x, self.weight, self.bias, self.stride, self.padding, self.output_padding
         )
@@ -135,7 +167,7 @@ class Exponential(nn.Module):
 # Keras activation name -> module factory. Names follow `tf.keras.activations`.
 ACTIVATIONS = {
     "linear": nn.Identity,
-    "relu": nn.ReLU,
+    "relu": functools.partial(nn.ReLU, inplace=True),  # always after a conv or BN: saves a copy
     "sigmoid": nn.Sigmoid,
     "tanh": nn.Tanh,
     "softmax": ChannelSoftmax,

@@ -81,7 +81,8 @@ def test_compile_fullgraph_has_no_graph_breaks(name):
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
         got, want = as_list(compiled(x)), as_list(model(x))
-    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    # Eager runs flexunet's CPU fast paths, the traced graph plain convolutions: equal to rounding.
+    assert all(torch.allclose(g, w, atol=1e-5, rtol=1e-5) for g, w in zip(got, want))
 
 
 def test_compile_with_inductor_matches_eager():

@@ -1,0 +1,99 @@
+"""CPU fast paths: exact to TensorFlow's definitions, with and without autograd, fp32 and bf16."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flexunet
+from flexunet import fastconv
+from flexunet.layers import Conv2dSame, ConvTranspose2dSame
+from tests import tf_oracle
+
+RNG = np.random.default_rng(1)
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 2), (2, 2), (4, 2), (5, 2), (1, 2), (2, 3), (5, 3), (3, 1), (6, 4)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_transposed_conv_matches_tf(kernel, stride, grad):
+    x = RNG.standard_normal((2, 5, 4, 3))
+    k = RNG.standard_normal((kernel, kernel, 4, 3))
+    b = RNG.standard_normal(4)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    w = torch.from_numpy(k.transpose(3, 2, 0, 1).copy())
+    with torch.set_grad_enabled(grad):
+        if grad:
+            xt.requires_grad_()
+        y = fastconv.transposed_conv(xt, w, torch.from_numpy(b), stride)
+    np.testing.assert_allclose(y.detach().permute(0, 2, 3, 1).numpy(),
+                               tf_oracle.conv2d_transpose_same(x, k, b, stride), atol=1e-10)
+    if grad:  # gradients equal those of PyTorch's own transposed convolution + TF crop
+        y.square().sum().backward()
+        ref = ConvTranspose2dSame(3, 4, kernel, stride).double()
+        ref.weight.data, ref.bias.data = w, torch.from_numpy(b)
+        x2 = xt.detach().clone().requires_grad_()
+        out = F.conv_transpose2d(x2, ref.weight, ref.bias, ref.stride, ref.padding, ref.output_padding)
+        if ref.crop_end:
+            out = out[:, :, : out.shape[2] - 1, : out.shape[3] - 1]
+        out.square().sum().backward()
+        torch.testing.assert_close(xt.grad, x2.grad)
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("size", [(8, 8), (5, 7), (12, 4)])
+def test_winograd_is_exact_in_float64(tile, size):
+    x = torch.randn(2, 5, *size, dtype=torch.float64)
+    w = torch.randn(6, 5, 3, 3, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    torch.testing.assert_close(fastconv.winograd_conv3x3(x, w, b, tile=tile), F.conv2d(x, w, b, padding=1))
+
+
+def test_winograd_gradients_match_direct_convolution():
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    fastconv.winograd_conv3x3(x, w, None).square().sum().backward()
+    gx, gw = x.grad, w.grad
+    x.grad = w.grad = None
+    F.conv2d(x, w, padding=1).square().sum().backward()
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gw, w.grad)
+
+
+def test_conv_layer_uses_winograd_with_many_channels_and_stays_exact():
+    layer = Conv2dSame(256, 256, 3).eval()
+    assert layer.winograd and not Conv2dSame(64, 256, 3).winograd
+    x = torch.randn(2, 256, 12, 20).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fast = layer(x)
+        reference = F.conv2d(x.double(), layer.weight.double(), layer.bias.double(), padding=1)
+    assert float((fast.double() - reference).abs().max() / reference.abs().max()) < 1e-5
+    assert layer._winograd_cache is not None  # the transformed kernel is cached for inference
+    with torch.no_grad():
+        layer.weight.mul_(2)  # an in-place update invalidates the cache
+        again = layer(x)
+    torch.testing.assert_close(again - layer.bias.view(1, -1, 1, 1),
+                               2 * (fast - layer.bias.view(1, -1, 1, 1)), atol=1e-4, rtol=1e-4)
+
+
+def test_unet_fast_path_equals_the_plain_path(monkeypatch):
+    """A UNet with 256+ channel layers (Winograd) and transposed convolutions, eager vs plain ops."""
+    torch.manual_seed(0)
+    model = flexunet.UNet(filters=64, down_blocks=3, up_blocks=3).eval()
+    x = torch.rand(2, 1, 48, 48)
+    with torch.inference_mode():
+        fast = model(x)
+        monkeypatch.setattr(fastconv, "use_fast_path", lambda x: False)
+        plain = model(x)
+    assert float((fast - plain).abs().max() / plain.abs().max()) < 1e-5
+
+
+def test_bfloat16_autocast_stays_within_one_percent():
+    torch.manual_seed(0)
+    model = flexunet.UNet(filters=32, down_blocks=4, up_blocks=4).eval()
+    x = torch.rand(2, 1, 64, 64)
+    with torch.inference_mode():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert low.dtype == torch.bfloat16
+    assert float((low.float() - ref).abs().max() / ref.abs().max()) < 0.01
