@@ -17,6 +17,7 @@ from flexunet.blocks import (
 from flexunet.config import UNetConfig
 from flexunet.encoder_decoder import EncoderDecoder, IntermediateFeature
 from flexunet.export import export_onnx, export_program
+from flexunet.inference import optimize_for_inference
 from flexunet.keras import load_keras_weights
 from flexunet.serialization import load, save
 from flexunet.summary import receptive_field, summarize
@@ -38,6 +39,7 @@ __all__ = [
     "export_program",
     "load",
     "load_keras_weights",
+    "optimize_for_inference",
     "receptive_field",
     "save",
     "sleap",

@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from flexunet.blocks import DecoderBlock, EncoderBlock, LayerInfo
 from flexunet.validation import check_int, nearest_multiples
@@ -96,6 +97,22 @@ class EncoderDecoder(nn.Module):
         super().__init__()
         self.stacks = check_int("stacks", stacks, minimum=1)
         self.in_channels = check_int("in_channels", in_channels, minimum=1)
+        self.checkpointing: Optional[str] = None
+
+    def set_checkpointing(self, mode: Optional[str]) -> "EncoderDecoder":
+        """Trade compute for memory in training: recompute activations in the backward pass.
+
+        Args:
+            mode: "block" keeps only each block's input, "stack" only each stack's
+                input; None (the default) keeps every activation.
+
+        Returns:
+            The model, for chaining.
+        """
+        if mode not in (None, "block", "stack"):
+            raise ValueError(f"checkpointing mode must be None, 'block' or 'stack', got {mode!r}.")
+        self.checkpointing = mode
+        return self
 
     # ------------------------------------------------------------------ specs
     @property
@@ -261,24 +278,43 @@ class EncoderDecoder(nn.Module):
         self.check_input(x)
         # Channels-last memory lets oneDNN and the GEMM paths run without layout copies.
         x = x.contiguous(memory_format=torch.channels_last)
+        mode = self.checkpointing if self.training and torch.is_grad_enabled() else None
+        call = self._checkpointed if mode == "block" else self._call
         for name in self._stem_names:
-            x = self.blocks[name](x)
+            x = call(name, x)
         stem_out = [x] if self._stem_names else []
         outputs, features = [], []
-        for enc, dec in self._stacks:
-            sources = list(stem_out)
-            for name, saves_skip in enc:
-                x = self.blocks[name](x)
-                if saves_skip:
-                    sources.append(x)
-            stack_features = []
-            for name, src, stride in dec:
-                if keep_features:
-                    stack_features.append(IntermediateFeature(x, stride))
-                x = self.blocks[name](x, None if src is None else sources[src])
+        for index in range(len(self._stacks)):
+            if mode == "stack":
+                x, *stack_features = checkpoint(self._run_stack, index, x, stem_out, keep_features, self._call,
+                                                use_reentrant=False)
+            else:
+                x, *stack_features = self._run_stack(index, x, stem_out, keep_features, call)
             outputs.append(x)
-            features.append(stack_features)
+            strides = [stride for _, _, stride in self._stacks[index][1]]
+            features.append([IntermediateFeature(t, s) for t, s in zip(stack_features, strides)])
         return outputs, features
+
+    def _run_stack(self, index: int, x: torch.Tensor, stem_out: list, keep_features: bool, call):
+        """One stack: encoder, then decoder with skips; returns (output, *decoder inputs)."""
+        enc, dec = self._stacks[index]
+        sources = list(stem_out)
+        for name, saves_skip in enc:
+            x = call(name, x)
+            if saves_skip:
+                sources.append(x)
+        decoder_inputs = []
+        for name, src, _ in dec:
+            if keep_features:
+                decoder_inputs.append(x)
+            x = call(name, x, None if src is None else sources[src])
+        return (x, *decoder_inputs)
+
+    def _call(self, name: str, *args):
+        return self.blocks[name](*args)
+
+    def _checkpointed(self, name: str, *args):
+        return checkpoint(self.blocks[name], *args, use_reentrant=False)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:
         """Run the network on `x` of shape (N, in_channels, H, W).

@@ -76,6 +76,44 @@ def winograd_kernel(weight: torch.Tensor, tile: int = 4) -> torch.Tensor:
     return u.view(-1, cin, cout).to(weight.dtype)
 
 
+class _Tiles(NamedTuple):
+    n: int
+    h: int
+    w: int
+    th: int  # tiles along H
+    tw: int  # tiles along W
+    m: int  # output tile size
+
+
+def _winograd_input(x: torch.Tensor, m: int) -> tuple[torch.Tensor, _Tiles]:
+    """Input tiles in Winograd space, ((m+2)^2, tiles, Cin), and the tiling."""
+    a = m + 2
+    n, cin, h, w = x.shape
+    bb, _, _ = _winograd_matrices(m, x.dtype)
+    th, tw = -(-h // m), -(-w // m)
+    # (m+2)^2 input tiles every m pixels of the padded NHWC image, gathered tap-major:
+    # d[(j, k), (n, ty, tx, c)] = x_padded[n, m ty + j, m tx + k, c].
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, m * tw - w + 1, 1, m * th - h + 1))
+    tiles = padded.unfold(1, a, m).unfold(2, a, m)  # (N, th, tw, Cin, a, a), a view
+    d = tiles.permute(4, 5, 0, 1, 2, 3).reshape(a * a, -1)
+    return (bb @ d).view(a * a, n * th * tw, cin), _Tiles(n, h, w, th, tw, m)
+
+
+def _winograd_output(prod: torch.Tensor, bias: Optional[torch.Tensor], t: _Tiles) -> torch.Tensor:
+    """Output tiles ((m+2)^2, tiles, Cout) back to an (N, Cout, H, W) channels-last tensor."""
+    m, cout = t.m, prod.shape[-1]
+    _, _, aa = _winograd_matrices(m, prod.dtype)
+    y = (aa @ prod.reshape(prod.shape[0], -1)).view(m, m, t.n, t.th, t.tw, cout).permute(2, 3, 0, 4, 1, 5)
+    b = None if bias is None else bias.to(prod.dtype)
+    # A channels-last NCHW tensor, written through its NHWC view: the result is not a view.
+    out = torch.empty((t.n, cout, m * t.th, m * t.tw), dtype=prod.dtype, device=prod.device,
+                      memory_format=torch.channels_last)
+    _store(y, b, out.permute(0, 2, 3, 1).view(t.n, t.th, m, t.tw, m, cout))
+    if m * t.th != t.h or m * t.tw != t.w:
+        out = out[:, :, : t.h, : t.w]
+    return out
+
+
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      kernel: Optional[torch.Tensor] = None, tile: Optional[int] = None) -> torch.Tensor:
     """3x3 stride-1 'same' convolution by Winograd F(tile x tile, 3x3).
@@ -92,25 +130,49 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         (N, Cout, H, W) in x's dtype and channels-last memory.
     """
     m = winograd_tile(x.dtype) if tile is None else tile
-    a = m + 2
-    n, cin, h, w = x.shape
-    cout = weight.shape[0]
-    bb, _, aa = _winograd_matrices(m, x.dtype)
-    th, tw = -(-h // m), -(-w // m)
-    # (m+2)^2 input tiles every m pixels of the padded NHWC image, gathered tap-major:
-    # d[(j, k), (n, ty, tx, c)] = x_padded[n, m ty + j, m tx + k, c].
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, m * tw - w + 1, 1, m * th - h + 1))
-    tiles = padded.unfold(1, a, m).unfold(2, a, m)  # (N, th, tw, Cin, a, a), a view
-    d = tiles.permute(4, 5, 0, 1, 2, 3).reshape(a * a, -1)
-    v = (bb @ d).view(a * a, n * th * tw, cin)
+    v, tiling = _winograd_input(x, m)
     u = winograd_kernel(weight.to(x.dtype), m) if kernel is None else kernel
-    prod = torch.bmm(v, u)  # (a*a, tiles, Cout): the only O(Cin * Cout) work
-    y = (aa @ prod.view(a * a, -1)).view(m, m, n, th, tw, cout).permute(2, 3, 0, 4, 1, 5)
-    b = None if bias is None else bias.to(x.dtype)
-    out = _store(y, b, x.new_empty(n, th, m, tw, m, cout)).view(n, m * th, m * tw, cout)
-    if m * th != h or m * tw != w:
-        out = out[:, :h, :w]
-    return out.permute(0, 3, 1, 2)
+    return _winograd_output(torch.bmm(v, u), bias, tiling)  # the bmm is the only O(Cin * Cout) work
+
+
+class WinogradConv3x3(torch.autograd.Function):
+    """3x3 'same' convolution for training, all three products in Winograd space (float32, F(4, 3)).
+
+    * forward: M = V U per tile position, V = input tiles, U = kernel.
+    * input gradient: the same convolution of the output gradient with the kernel
+      flipped and its channels swapped.
+    * weight gradient: dU = V^T dM, with dM the output transform's adjoint applied
+      to the output gradient, and dW = G^T dU G.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        with torch.no_grad():
+            v, tiling = _winograd_input(x, 4)
+            y = _winograd_output(torch.bmm(v, winograd_kernel(weight, 4)), bias, tiling)
+        ctx.save_for_backward(v, weight)
+        ctx.tiling, ctx.has_bias = tiling, bias is not None
+        return y if y._base is None else y.clone(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        v, weight = ctx.saved_tensors
+        t = ctx.tiling
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = winograd_conv3x3(grad_out, weight.flip(2, 3).transpose(0, 1), None, tile=4)
+        if ctx.needs_input_grad[1]:
+            _, gg, aa = _winograd_matrices(4, grad_out.dtype)
+            cout, cin = weight.shape[:2]
+            g = F.pad(grad_out.permute(0, 2, 3, 1), (0, 0, 0, 4 * t.tw - t.w, 0, 4 * t.th - t.h))
+            g = g.reshape(t.n, t.th, 4, t.tw, 4, cout).permute(2, 4, 0, 1, 3, 5).reshape(16, -1)
+            grad_m = (aa.t() @ g).view(36, -1, cout)  # adjoint of the output transform
+            grad_u = torch.bmm(v.transpose(1, 2), grad_m)  # (36, Cin, Cout)
+            grad_w = (gg.t() @ grad_u.view(36, -1)).view(3, 3, cin, cout).permute(3, 2, 0, 1)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b
 
 
 def _store(value: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
@@ -190,14 +252,16 @@ def transposed_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         if i == 0:
             acc = flat.new_zeros(n * hp * wp, len(plan.order) * cout)
         acc[:rows, cols].addmm_(lhs, rhs)
-    out = x.new_empty(n, h, stride, w, stride, cout)
+    result = torch.empty((n, cout, h * stride, w * stride), dtype=x.dtype, device=x.device,
+                         memory_format=torch.channels_last)
+    out = result.permute(0, 2, 3, 1).view(n, h, stride, w, stride, cout)
     if plan.shifts:
         full = acc.view(n, hp, wp, len(plan.order), cout)
         for i, (ph, pw) in enumerate(plan.order):
             _store(full[:, :h, :w, i], bias, out[:, :, ph, :, pw, :])
     for ph, pw in plan.empty:  # a kernel smaller than the stride leaves these to the bias
         _store(x.new_zeros(n, h, w, cout), bias, out[:, :, ph, :, pw, :])
-    return out.view(n, h * stride, w * stride, cout).permute(0, 3, 1, 2)
+    return result
 
 
 class _TransposedPlan(NamedTuple):

@@ -21,6 +21,10 @@ KERAS_BN_EPS = 1e-3
 KERAS_BN_MOMENTUM = 0.01
 # 3x3 convolutions with at least this many input and output channels use Winograd on CPU.
 WINOGRAD_MIN_CHANNELS = 256
+# Training: at least this many channels and 4x4 output tiles per batch (kernel transforms
+# are recomputed every step).
+WINOGRAD_MIN_TRAINING_CHANNELS = 128
+WINOGRAD_MIN_TRAINING_TILES = 128
 
 
 class Conv2dSame(nn.Conv2d):
@@ -35,8 +39,11 @@ class Conv2dSame(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, padding=(kernel_size - 1) // 2 if odd else 0, bias=bias)
         before = (kernel_size - 1) // 2
         self.asymmetric_pad = None if odd else (before, kernel_size - 1 - before) * 2
-        # Winograd pays off once both channel counts are large (see benchmarks/).
-        self.winograd = kernel_size == 3 and min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS
+        # Winograd pays off once both channel counts are large (see benchmarks/); training
+        # also does the weight gradient in Winograd space, which pays off earlier.
+        narrow = min(in_channels, out_channels)
+        self.winograd = kernel_size == 3 and narrow >= WINOGRAD_MIN_TRAINING_CHANNELS
+        self.winograd_inference = kernel_size == 3 and narrow >= WINOGRAD_MIN_CHANNELS
         self._winograd_cache: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,9 +63,15 @@ class Conv2dSame(nn.Conv2d):
             return None
         tracked = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)
         if tracked:
-            # Training: float32 only, with the kernel transform inside the autograd graph.
-            return fastconv.winograd_conv3x3(x, w, self.bias) if dtype == x.dtype == w.dtype == torch.float32 else None
-        key = (w.data_ptr(), w._version, dtype)
+            # Training: float32 only, and only where there are enough tiles to amortise the
+            # kernel transforms that every step recomputes.
+            n, _, h, width = x.shape
+            if dtype == x.dtype == w.dtype == torch.float32 and n * h * width >= 16 * WINOGRAD_MIN_TRAINING_TILES:
+                return fastconv.WinogradConv3x3.apply(x, w, self.bias)
+            return None
+        if not self.winograd_inference:
+            return None
+        key = (w.data_ptr(), 0 if w.is_inference() else w._version, dtype)
         if self._winograd_cache is None or self._winograd_cache[0] != key:
             kernel = fastconv.winograd_kernel(w.detach(), fastconv.winograd_tile(dtype)).to(dtype)
             self._winograd_cache = (key, kernel)
@@ -116,7 +129,8 @@ class ConvTranspose2dSame(nn.ConvTranspose2d):
         self.crop_end = total % 2  # extra pixel TF drops at the bottom/right
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fastconv.use_fast_path(x):
+        tracked = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if fastconv.use_fast_path(x) and not tracked:  # training: oneDNN's own backward is faster
             return fastconv.transposed_conv(x, self.weight, self.bias, self.stride[0])
         y = F.conv_transpose2d(
             x, self.weight, self.bias, self.stride, self.padding, self.output_padding
