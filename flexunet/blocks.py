@@ -141,7 +141,7 @@ class SimpleConvBlock(EncoderBlock):
         super().__post_init__()
         n = "SimpleConvBlock"
         check_bool(f"{n}.pool_before_convs", self.pool_before_convs)
-        check_int(f"{n}.num_convs", self.num_convs, minimum=0)
+        check_int(f"{n}.num_convs", self.num_convs, minimum=0, maximum=64)
         check_int(f"{n}.filters", self.filters, minimum=1)
         check_int(f"{n}.kernel_size", self.kernel_size, minimum=1)
         check_bool(f"{n}.use_bias", self.use_bias)
@@ -351,7 +351,7 @@ class SimpleUpsamplingBlock(DecoderBlock):
             check_bool(f"{n}.{field}", getattr(self, field))
         check_int(f"{n}.transposed_conv_filters", self.transposed_conv_filters, minimum=1)
         check_int(f"{n}.transposed_conv_kernel_size", self.transposed_conv_kernel_size, minimum=1)
-        check_int(f"{n}.refine_convs", self.refine_convs, minimum=0)
+        check_int(f"{n}.refine_convs", self.refine_convs, minimum=0, maximum=64)
         check_optional_int(f"{n}.refine_convs_first_filters", self.refine_convs_first_filters, minimum=1)
         check_int(f"{n}.refine_convs_filters", self.refine_convs_filters, minimum=1)
         check_int(f"{n}.refine_convs_kernel_size", self.refine_convs_kernel_size, minimum=1)

@@ -51,6 +51,8 @@ class UNetConfig:
         if self.stem_stride is not None:
             check_power_of_two("UNetConfig.stem_stride", self.stem_stride)
         check_power_of_two("UNetConfig.max_stride", self.max_stride)
+        if self.max_stride > 2**16:
+            raise ValueError(f"UNetConfig.max_stride must be <= 65536, got {self.max_stride}.")
         check_power_of_two("UNetConfig.output_stride", self.output_stride)
         if self.output_stride > self.max_stride:
             raise ValueError(
@@ -64,7 +66,7 @@ class UNetConfig:
         check_positive_number("UNetConfig.filters_rate", self.filters_rate)
         check_bool("UNetConfig.middle_block", self.middle_block)
         check_bool("UNetConfig.up_interpolate", self.up_interpolate)
-        check_int("UNetConfig.stacks", self.stacks, minimum=1)
+        check_int("UNetConfig.stacks", self.stacks, minimum=1, maximum=64)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a plain dict (SLEAP's `model.backbone.unet` keys)."""

@@ -20,11 +20,21 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flexunet.blocks import DecoderBlock, EncoderBlock, LayerInfo
 from flexunet.validation import check_int, nearest_multiples
+
+
+def crop_to_input(t: torch.Tensor, stride: int, size: tuple[int, int]) -> torch.Tensor:
+    """Crop a map at `stride` to the part covering an input of (H, W) = `size`: ceil(H / stride) rows."""
+    return t[:, :, : -(-size[0] // stride), : -(-size[1] // stride)]
+
+
+# A guard against configs that would exhaust memory (SLEAP's default UNet has 34.5M).
+MAX_PARAMETERS = 2_000_000_000
 
 
 class IntermediateFeature(NamedTuple):
@@ -95,9 +105,12 @@ class EncoderDecoder(nn.Module):
 
     def __init__(self, stacks: int = 1, in_channels: int = 1):
         super().__init__()
-        self.stacks = check_int("stacks", stacks, minimum=1)
+        self.stacks = check_int("stacks", stacks, minimum=1, maximum=64)
         self.in_channels = check_int("in_channels", in_channels, minimum=1)
         self.checkpointing: Optional[str] = None
+        #: Accept any input size: pad at the bottom/right with zeros up to a multiple of the
+        #: maximum stride (as SLEAP's preprocessing does) and crop every output back.
+        self.pad_to_stride = False
 
     def set_checkpointing(self, mode: Optional[str]) -> "EncoderDecoder":
         """Trade compute for memory in training: recompute activations in the backward pass.
@@ -225,6 +238,12 @@ class EncoderDecoder(nn.Module):
     def build(self) -> None:
         """Build one module per placed block, keyed by its Keras prefix in `self.blocks`."""
         self._plan = self.plan()
+        total = sum(p.num_params for p in self._plan)
+        if total > MAX_PARAMETERS:
+            raise ValueError(
+                f"this configuration would have {total:,} parameters, more than the {MAX_PARAMETERS:,} "
+                "flexunet builds; check filters and filters_rate."
+            )
         modules = {}
         for p in self._plan:
             if p.section == "decoder":
@@ -235,6 +254,7 @@ class EncoderDecoder(nn.Module):
         self.blocks = nn.ModuleDict(modules)
         self.to(memory_format=torch.channels_last)
         self._input_multiple = self.maximum_stride  # cached: forward must not rebuild the specs
+        self.output_stride_cached = self.output_stride
         self.out_channels = self._plan[-1].out_channels if self._plan else self.in_channels
         # Per-stack execution order, as plain lists of (name, flags) for a readable forward.
         self._stem_names = [p.name for p in self._plan if p.section == "stem"]
@@ -265,17 +285,48 @@ class EncoderDecoder(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}; convert with x.float().")
+        if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"input must not be empty, got shape {tuple(x.shape)}.")
+        if self.pad_to_stride:
+            return
         stride = self._input_multiple
         for axis, size in (("height", x.shape[2]), ("width", x.shape[3])):
             if size % stride:
                 lo, hi = nearest_multiples(int(size), stride)
                 raise ValueError(
                     f"input {axis} must be a multiple of the maximum stride {stride}, got {int(size)}; "
-                    f"nearest valid sizes: {lo} or {hi} (or pad the input)."
+                    f"nearest valid sizes: {lo} or {hi} (or set model.pad_to_stride = True)."
                 )
 
     def _run(self, x: torch.Tensor, keep_features: bool):
+        """Run on `x`; with `pad_to_stride`, outputs are cropped back (see `_run_padded`)."""
+        outputs, features, size = self._run_padded(x, keep_features)
+        if size is None:
+            return outputs, features
+        outputs = [crop_to_input(o, self.output_stride_cached, size) for o in outputs]
+        features = [[IntermediateFeature(crop_to_input(f.tensor, f.stride, size), f.stride) for f in stack]
+                    for stack in features]
+        return outputs, features
+
+    def _run_padded(self, x: torch.Tensor, keep_features: bool):
+        """Run on `x`, padded at the bottom/right to the maximum stride when `pad_to_stride` is set.
+
+        Returns:
+            (outputs, features, size): `size` is the input's (H, W) when it was padded
+            (outputs then cover the padded image), else None.
+        """
         self.check_input(x)
+        size = None
+        if self.pad_to_stride:
+            stride = self._input_multiple
+            h, w = x.shape[2], x.shape[3]
+            pad_h, pad_w = -h % stride, -w % stride
+            if pad_h or pad_w:
+                # Zeros at the bottom/right, as SLEAP's preprocessing pads images.
+                x, size = F.pad(x, (0, pad_w, 0, pad_h)), (h, w)
+        weight_dtype = self._parameter_dtype()
+        if weight_dtype is not None and x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(weight_dtype)  # e.g. float64 images into a float32 model
         # Channels-last memory lets oneDNN and the GEMM paths run without layout copies.
         x = x.contiguous(memory_format=torch.channels_last)
         mode = self.checkpointing if self.training and torch.is_grad_enabled() else None
@@ -293,7 +344,12 @@ class EncoderDecoder(nn.Module):
             outputs.append(x)
             strides = [stride for _, _, stride in self._stacks[index][1]]
             features.append([IntermediateFeature(t, s) for t, s in zip(stack_features, strides)])
-        return outputs, features
+        return outputs, features, size
+
+    def _parameter_dtype(self) -> Optional[torch.dtype]:
+        for p in self.parameters():
+            return p.dtype
+        return None
 
     def _run_stack(self, index: int, x: torch.Tensor, stem_out: list, keep_features: bool, call):
         """One stack: encoder, then decoder with skips; returns (output, *decoder inputs)."""

@@ -65,12 +65,12 @@ class HeadSpec:
         check_choice("HeadSpec.kind", self.kind, HEAD_KINDS)
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"HeadSpec.name must be a non-empty string, got {self.name!r}.")
-        check_int("HeadSpec.channels", self.channels, minimum=1)
+        check_int("HeadSpec.channels", self.channels, minimum=1, maximum=2**20)
         check_int("HeadSpec.output_stride", self.output_stride, minimum=1)
         check_choice("HeadSpec.activation", self.activation, ACTIVATIONS)
         check_int("HeadSpec.stack", self.stack, minimum=0)
-        check_int("HeadSpec.num_fc_layers", self.num_fc_layers, minimum=0)
-        check_int("HeadSpec.num_fc_units", self.num_fc_units, minimum=1)
+        check_int("HeadSpec.num_fc_layers", self.num_fc_layers, minimum=0, maximum=64)
+        check_int("HeadSpec.num_fc_units", self.num_fc_units, minimum=1, maximum=2**20)
         check_bool("HeadSpec.global_pool", self.global_pool)
         if self.in_features is not None:
             check_int("HeadSpec.in_features", self.in_features, minimum=1)

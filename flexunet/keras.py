@@ -80,8 +80,8 @@ def _open_h5(path: str | os.PathLike):
         raise ValueError(f"{path} is not a readable HDF5 (Keras .h5) file: {err}") from None
 
 
-def read_keras_weights(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
-    """Read every layer's weights from a Keras 2 `.h5` file.
+def _read_keras_weights(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    """Read every layer's weights from a Keras 2 `.h5` file (in this process).
 
     Accepts whole-model files (weights under `model_weights/`, as SLEAP saves) and
     `save_weights` files (layers at the root).
@@ -116,20 +116,117 @@ def read_keras_weights(path: str | os.PathLike) -> dict[str, dict[str, np.ndarra
             return layers
         except ValueError as err:
             raise ValueError(f"{os.fspath(path)}: cannot read Keras weights: {err}") from None
-        except (KeyError, OSError, TypeError, AttributeError, RuntimeError) as err:
-            raise ValueError(f"{os.fspath(path)}: damaged or unexpected Keras weights layout: {err}") from None
+        except Exception as err:  # h5py surfaces damage as KeyError, OSError, TypeError, ...
+            raise ValueError(
+                f"{os.fspath(path)}: damaged or unexpected Keras weights layout ({type(err).__name__}: {err})"
+            ) from None
+
+
+def _read_keras_model_config(path: str | os.PathLike) -> dict | None:
+    """The Keras model graph (`model_config` attribute) of a whole-model `.h5`, or None (in this process)."""
+    with _open_h5(path) as f:
+        try:
+            raw = f.attrs.get("model_config")
+            if raw is None:
+                return None
+            config = json.loads(_text(raw))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{os.fspath(path)}: model_config attribute is not valid JSON: {err}") from None
+        except Exception as err:
+            raise ValueError(f"{os.fspath(path)}: unreadable model_config attribute ({type(err).__name__}: {err})") from None
+        return config if isinstance(config, dict) else None
+
+
+# Seconds a read of one .h5 file may take. Damaged HDF5 metadata can send the HDF5 library
+# into an endless loop or a crash, so files are read in a child process that is stopped then.
+READ_TIMEOUT = 120.0
+
+
+def read_keras_weights(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    """Read every layer's weights from a Keras 2 `.h5` file.
+
+    Accepts whole-model files (weights under `model_weights/`, as SLEAP saves) and
+    `save_weights` files (layers at the root). The file is read in a child process,
+    so a damaged file cannot hang or crash the caller (see `READ_TIMEOUT`).
+
+    Returns:
+        `{layer_name: {weight_name: array}}` with weight names like "kernel", "bias",
+        "gamma", "moving_mean"; layers without weights are left out.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: the file is not HDF5, not laid out as Keras writes weights, or so
+            damaged that reading it hangs or crashes.
+    """
+    _check_path(path)
+    return _guarded(_read_keras_weights, path)
 
 
 def read_keras_model_config(path: str | os.PathLike) -> dict | None:
-    """The Keras model graph (`model_config` attribute) of a whole-model `.h5`, or None."""
-    with _open_h5(path) as f:
-        raw = f.attrs.get("model_config")
-        if raw is None:
-            return None
+    """The Keras model graph (`model_config` attribute) of a whole-model `.h5`, or None.
+
+    Read in a child process like `read_keras_weights`.
+    """
+    _check_path(path)
+    return _guarded(_read_keras_model_config, path)
+
+
+def read_keras_file(path: str | os.PathLike) -> tuple[dict[str, dict[str, np.ndarray]], dict | None]:
+    """`(read_keras_weights(path), read_keras_model_config(path))` in one guarded read."""
+    _check_path(path)
+    return _guarded(_read_both, path)
+
+
+def _read_both(path):
+    return _read_keras_weights(path), _read_keras_model_config(path)
+
+
+def _check_path(path) -> None:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Keras weights file not found: {path}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"Keras weights path is a directory, expected an .h5 file: {path}")
+
+
+def _child(read, path, conn) -> None:
+    try:
+        conn.send(("ok", read(path)))
+    except (ValueError, OSError) as err:
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+    except BaseException as err:  # pragma: no cover - reported to the parent as damage
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+    finally:
+        conn.close()
+
+
+def _guarded(read, path):
+    """Run `read(path)` in a child process with a time limit; errors come back as ValueError."""
+    import multiprocessing
+
+    path = os.fspath(path)
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_child, args=(read, path, sender), daemon=True)
+    process.start()
+    sender.close()
+    try:
+        if not receiver.poll(READ_TIMEOUT):
+            raise ValueError(f"{path}: reading took longer than {READ_TIMEOUT:g} s; the HDF5 file is damaged.")
         try:
-            return json.loads(_text(raw))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{os.fspath(path)}: model_config attribute is not valid JSON: {err}") from None
+            status, payload = receiver.recv()
+        except (EOFError, OSError):
+            raise ValueError(f"{path}: the HDF5 library crashed reading this file; it is damaged.") from None
+    finally:
+        receiver.close()
+        if process.is_alive():
+            process.kill()
+        process.join()
+    if status == "ok":
+        return payload
+    message = payload.split(": ", 1)[1] if payload.startswith(("ValueError: ", "OSError: ")) else payload
+    raise ValueError(message if path in message else f"{path}: {message}")
 
 
 def keras_state_dict(model: nn.Module, layers: dict[str, dict[str, np.ndarray]], source: str) -> dict[str, torch.Tensor]:
@@ -155,15 +252,19 @@ def keras_state_dict(model: nn.Module, layers: dict[str, dict[str, np.ndarray]],
         for key, array in weights.items():
             attr, transform = mapping[key]
             target = getattr(module, attr)
+            if not np.issubdtype(array.dtype, np.floating):
+                mismatched.append(f"{name}/{key}: dtype {array.dtype} is not floating point")
+                continue
+            if array.ndim != target.dim():
+                mismatched.append(f"{name}/{key}: file has {tuple(array.shape)}, model needs "
+                                  f"{_keras_shape(key, module, target)}")
+                continue
             value = transform(array) if transform is not None else array
             if tuple(value.shape) != tuple(target.shape):
                 mismatched.append(
                     f"{name}/{key}: file has {tuple(array.shape)}, model needs "
                     f"{_keras_shape(key, module, target)}"
                 )
-                continue
-            if not np.issubdtype(value.dtype, np.floating):
-                mismatched.append(f"{name}/{key}: dtype {value.dtype} is not floating point")
                 continue
             prefix = module_paths[module]
             update[f"{prefix}.{attr}" if prefix else attr] = torch.from_numpy(

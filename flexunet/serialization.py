@@ -98,9 +98,9 @@ def load(directory: str | os.PathLike) -> nn.Module:
         raise FileNotFoundError(f"flexunet model directory {directory} has no {WEIGHTS_FILE}.")
     try:
         model = model_from_config(read_json(config_path), config_path)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError) as err:  # a file's content is a ValueError, whatever the field's type
         message = str(err)
-        raise type(err)(message if config_path in message else f"{config_path}: {message}") from None
+        raise ValueError(message if config_path in message else f"{config_path}: {message}") from None
     state = read_safetensors(weights_path)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -21,9 +21,9 @@ from torch import nn
 
 from flexunet.config import UNetConfig
 from flexunet.config_files import read_json
-from flexunet.encoder_decoder import IntermediateFeature
+from flexunet.encoder_decoder import IntermediateFeature, crop_to_input
 from flexunet.heads import HEAD_KINDS, HeadSpec
-from flexunet.keras import keras_state_dict, read_keras_model_config, read_keras_weights
+from flexunet.keras import keras_state_dict, read_keras_file
 from flexunet.unet import UNet
 
 BACKBONES = ("leap", "unet", "hourglass", "resnet", "pretrained_encoder")
@@ -106,13 +106,26 @@ class SleapModel(nn.Module):
         """Raise a `ValueError`/`TypeError` naming what is wrong with an input batch."""
         self.backbone.check_input(x)
 
+    @property
+    def pad_to_stride(self) -> bool:
+        """Accept any input size: pad to the maximum stride and crop the maps back (see UNet)."""
+        return self.backbone.pad_to_stride
+
+    @pad_to_stride.setter
+    def pad_to_stride(self, value: bool) -> None:
+        self.backbone.pad_to_stride = bool(value)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run backbone and heads; returns `{output layer name: tensor}` in output order."""
-        outputs, features = self.backbone._run(x, keep_features=self._needs_features)
+        # Heads see the padded features (as SLEAP runs them on padded images); maps are cropped after.
+        outputs, features, size = self.backbone._run_padded(x, keep_features=self._needs_features)
         result = {}
-        for name, stack, route in self._routes:
+        for spec, (name, stack, route) in zip(self.head_specs, self._routes):
             source = outputs[stack] if route is None else features[stack][route].tensor
-            result[name] = self.heads[name](source)
+            out = self.heads[name](source)
+            if size is not None and not spec.is_vector:
+                out = crop_to_input(out, spec.output_stride, size)
+            result[name] = out
         return result
 
     def to_config(self) -> dict[str, Any]:
@@ -340,12 +353,15 @@ def _keras_outputs(model_config: Optional[dict]) -> tuple[Optional[list[str]], d
     """Output layer names (in order) and per-layer activations from a Keras graph."""
     if not isinstance(model_config, dict):
         return None, {}
-    cfg = model_config.get("config") or {}
+    cfg = model_config.get("config")
+    if not isinstance(cfg, dict):
+        return None, {}
     outputs = cfg.get("output_layers")
     names = [o[0] for o in outputs] if isinstance(outputs, list) and all(
         isinstance(o, list) and o and isinstance(o[0], str) for o in outputs) else None
     activations = {}
-    for layer in cfg.get("layers") or []:
+    layers = cfg.get("layers")
+    for layer in layers if isinstance(layers, list) else []:
         if isinstance(layer, dict) and isinstance(layer.get("config"), dict):
             act = layer["config"].get("activation")
             if isinstance(act, str):
@@ -374,6 +390,17 @@ def load_model(model_dir: str | os.PathLike) -> SleapModel:
     model_dir = os.fspath(model_dir)
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"SLEAP model folder not found: {model_dir}")
+    try:
+        return _load_model(model_dir)
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        if model_dir not in message:
+            message = f"{model_dir}: {message}"
+        raise ValueError(message) from None
+
+
+def _load_model(model_dir: str) -> SleapModel:
+    """`load_model` once the folder is known to exist."""
     config_path = os.path.join(model_dir, "training_config.json")
     weights_path = os.path.join(model_dir, "best_model.h5")
     for path in (config_path, weights_path):
@@ -381,8 +408,8 @@ def load_model(model_dir: str | os.PathLike) -> SleapModel:
             raise FileNotFoundError(f"SLEAP model folder {model_dir} has no {os.path.basename(path)} ({path}).")
     config = read_json(config_path)
     unet_config, entries = _backbone_and_heads(config, config_path)
-    layers = read_keras_weights(weights_path)
-    output_names, activations = _keras_outputs(read_keras_model_config(weights_path))
+    layers, model_config = read_keras_file(weights_path)
+    output_names, activations = _keras_outputs(model_config)
 
     probe = UNet.from_config(unet_config, in_channels=1)
     first = _first_conv_name(probe)

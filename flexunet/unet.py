@@ -13,6 +13,11 @@ from flexunet.encoder_decoder import EncoderDecoder
 from flexunet.validation import check_bool, check_int, check_keys, check_positive_number
 
 
+# Upper bounds that keep a typo (down_blocks=400) from building for hours.
+MAX_KERNEL = 63
+MAX_CONVS = 64
+
+
 class UNet(EncoderDecoder):
     """UNet encoder-decoder (Ronneberger et al., 2015) as SLEAP defines it.
 
@@ -64,13 +69,14 @@ class UNet(EncoderDecoder):
         super().__init__(stacks=stacks, in_channels=in_channels)
         self.filters = check_int("filters", filters, minimum=1)
         self.filters_rate = check_positive_number("filters_rate", filters_rate)
-        self.kernel_size = check_int("kernel_size", kernel_size, minimum=1)
-        self.stem_kernel_size = check_int("stem_kernel_size", stem_kernel_size, minimum=1)
-        self.convs_per_block = check_int("convs_per_block", convs_per_block, minimum=1)
-        self.stem_blocks = check_int("stem_blocks", stem_blocks, minimum=0)
-        self.down_blocks = check_int("down_blocks", down_blocks, minimum=0)
+        self.kernel_size = check_int("kernel_size", kernel_size, minimum=1, maximum=MAX_KERNEL)
+        self.stem_kernel_size = check_int("stem_kernel_size", stem_kernel_size, minimum=1, maximum=MAX_KERNEL)
+        self.convs_per_block = check_int("convs_per_block", convs_per_block, minimum=1, maximum=MAX_CONVS)
+        # Strides above 2 ** 16 would need inputs wider than any image.
+        self.stem_blocks = check_int("stem_blocks", stem_blocks, minimum=0, maximum=16)
+        self.down_blocks = check_int("down_blocks", down_blocks, minimum=0, maximum=16)
         self.middle_block = check_bool("middle_block", middle_block)
-        self.up_blocks = check_int("up_blocks", up_blocks, minimum=0)
+        self.up_blocks = check_int("up_blocks", up_blocks, minimum=0, maximum=32)
         self.up_interpolate = check_bool("up_interpolate", up_interpolate)
         self.block_contraction = check_bool("block_contraction", block_contraction)
         depth = self.down_blocks + self.stem_blocks

@@ -1,0 +1,208 @@
+"""The library's boundary: bad inputs, configs and files end in one clear sentence."""
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flexunet
+from flexunet.heads import HeadSpec
+from flexunet.sleap import SleapModel, load_model, model_from_training_config
+from tests.conftest import SLEAP_MODELS
+
+# ------------------------------------------------------------------ inputs
+
+
+@pytest.mark.parametrize("up_blocks", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("size", [(97, 101), (53, 64), (17, 31)])
+def test_pad_to_stride_pads_runs_and_crops_every_output(up_blocks, size):
+    torch.manual_seed(0)
+    model = flexunet.UNet(filters=4, down_blocks=4, up_blocks=up_blocks).eval()
+    x = torch.rand(2, 1, *size)
+    with pytest.raises(ValueError, match="multiple of the maximum stride 16"):
+        model(x)
+    model.pad_to_stride = True
+    with torch.no_grad():
+        out, features = model.forward_intermediates(x)
+        ph, pw = -size[0] % 16, -size[1] % 16
+        model.pad_to_stride = False
+        ref_out, ref_features = model.forward_intermediates(F.pad(x, (0, pw, 0, ph)))  # zeros bottom/right
+    stride = model.output_stride
+    expected = (-(-size[0] // stride), -(-size[1] // stride))
+    assert tuple(out.shape[-2:]) == expected
+    torch.testing.assert_close(out, ref_out[..., : expected[0], : expected[1]])
+    for f, r in zip(features, ref_features):
+        h, w = -(-size[0] // f.stride), -(-size[1] // f.stride)
+        torch.testing.assert_close(f.tensor, r.tensor[..., :h, :w])
+
+
+def test_pad_to_stride_on_sleap_models_crops_maps_not_vectors():
+    model = SleapModel(flexunet.UNet(filters=4, down_blocks=3, up_blocks=2), [
+        HeadSpec("CentroidConfmapsHead", "CentroidConfmapsHead_0", 1, 2),
+        HeadSpec("PartAffinityFieldsHead", "PartAffinityFieldsHead_0", 4, 4),
+        HeadSpec("ClassVectorsHead", "ClassVectorsHead", 3, 8, activation="softmax"),
+    ]).eval()
+    model.pad_to_stride = True
+    with torch.no_grad():
+        out = model(torch.rand(1, 1, 61, 43))
+    assert out["CentroidConfmapsHead_0"].shape == (1, 1, 31, 22)
+    assert out["PartAffinityFieldsHead_0"].shape == (1, 4, 16, 11)
+    assert out["ClassVectorsHead"].shape == (1, 3)
+
+
+def test_dtypes_and_layouts_are_handled():
+    torch.manual_seed(0)
+    model = flexunet.UNet(filters=4, down_blocks=2, up_blocks=2).eval()
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(model(x.double()), ref)  # float64 images into a float32 model
+        torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), ref)
+        wide = torch.rand(2, 1, 16, 32)
+        torch.testing.assert_close(model(wide[:, :, :, ::2]), model(wide[:, :, :, ::2].contiguous()))
+        assert torch.equal(model(x), model(x))  # deterministic in eval mode
+    with pytest.raises(TypeError, match="floating-point tensor, got dtype torch.uint8"):
+        model(torch.zeros(1, 1, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="must not be empty"):
+        model(torch.zeros(0, 1, 16, 16))
+
+
+def test_nan_and_inf_propagate_without_error():
+    model = flexunet.UNet(filters=4, down_blocks=2, up_blocks=2, up_interpolate=True).eval()
+    x = torch.rand(1, 1, 16, 16)
+    x[0, 0, 3, 3] = float("nan")
+    x[0, 0, 10, 10] = float("inf")
+    with torch.no_grad():
+        y = model(x)
+    assert torch.isnan(y).any() or torch.isinf(y).any()
+
+
+# ------------------------------------------------------------------ configs
+
+
+@pytest.mark.parametrize("build,error,match", [
+    (lambda: flexunet.UNet.from_dict({"filters": "64"}), TypeError, "filters must be an integer"),
+    (lambda: flexunet.UNet.from_dict({"stack": 2}), ValueError, "did you mean 'stacks'"),
+    (lambda: flexunet.UNetConfig.from_dict({"output_strid": 2}), ValueError, "did you mean 'output_stride'"),
+    (lambda: flexunet.UNetConfig(max_stride=16.0), TypeError, "max_stride must be an integer"),
+    (lambda: HeadSpec.from_dict({"kind": "CentroidConfmapsHead", "name": "c", "channel": 1, "output_stride": 1}),
+     ValueError, "did you mean 'channels'"),
+    (lambda: HeadSpec("NoSuchHead", "x", 1, 1), ValueError, "HeadSpec.kind must be one of"),
+    (lambda: flexunet.UNet(filters=64, filters_rate=30.0), ValueError, "parameters, more than"),
+])
+def test_configs_are_validated_at_construction(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+def training_config(**unet):
+    return {"data": {"anything": [1, 2]}, "optimization": {"whatever": True},
+            "model": {"backbone": {"unet": {"max_stride": 8, "output_stride": 2, "filters": 4,
+                                            "filters_rate": 2, **unet}},
+                      "heads": {"centroid": {"anchor_part": None, "sigma": 2.0, "output_stride": 2,
+                                             "offset_refinement": False}}}}
+
+
+def test_sleap_configs_are_read_leniently_outside_the_model():
+    config = training_config()
+    config["some_future_section"] = {"x": 1}
+    model = model_from_training_config(config)
+    assert model.backbone.output_stride == 2
+
+
+def test_unknown_keys_inside_the_model_warn():
+    config = training_config(new_option=True)
+    with pytest.warns(UserWarning, match="unknown key model.backbone.unet.new_option"):
+        model_from_training_config(config)
+
+
+@pytest.mark.parametrize("change,path", [
+    (lambda c: c["model"]["backbone"]["unet"].pop("max_stride"), "model.backbone.unet.max_stride is missing"),
+    (lambda c: c["model"]["backbone"]["unet"].update(max_stride="8"), "model.backbone.unet.max_stride must be int"),
+    (lambda c: c["model"]["backbone"]["unet"].update(max_stride=12), "model.backbone.unet.max_stride must be a power of two"),
+    (lambda c: c["model"]["backbone"]["unet"].update(filters=0), "model.backbone.unet.filters must be >= 1"),
+    (lambda c: c["model"]["heads"]["centroid"].update(output_stride=None), "model.heads.centroid.output_stride is missing"),
+    (lambda c: c["model"]["heads"].update(single_instance={"output_stride": 2}), "must set exactly one of"),
+    (lambda c: c["model"].pop("heads"), "model.heads is missing"),
+    (lambda c: c["model"]["backbone"].update(unet=[1]), "model.backbone.unet must be a JSON object"),
+])
+def test_needed_values_name_their_json_path(change, path):
+    config = training_config()
+    change(config)
+    with pytest.raises(ValueError, match=path):
+        model_from_training_config(config)
+
+
+# ------------------------------------------------------------------ files
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "text", "png"])
+def test_damaged_sleap_weights_name_the_file(reference, tmp_path, damage):
+    folder = tmp_path / "model"
+    shutil.copytree(SLEAP_MODELS / "minimal_instance.UNet.centroid", folder)
+    path = folder / "best_model.h5"
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 3], "empty": b"", "text": b"weights",
+                      "png": b"\x89PNG\r\n\x1a\n" + bytes(64)}[damage])
+    with pytest.raises((OSError, ValueError), match="best_model.h5"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x00" * 20, b"not safetensors"])
+def test_damaged_native_weights_name_the_file(tmp_path, damage):
+    flexunet.save(flexunet.UNet(filters=4, down_blocks=2, up_blocks=2), tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(damage)
+    with pytest.raises(ValueError, match="model.safetensors"):
+        flexunet.load(tmp_path / "m")
+
+
+def test_a_hanging_read_is_stopped(monkeypatch, tmp_path):
+    """A read that never returns (as damaged HDF5 metadata can cause) ends as a ValueError."""
+    import time
+
+    from flexunet import keras
+
+    monkeypatch.setattr(keras, "READ_TIMEOUT", 1.0)
+    monkeypatch.setattr(keras, "_read_keras_weights", lambda path: time.sleep(60))
+    path = tmp_path / "model.h5"
+    path.write_bytes(b"x")
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="model.h5: reading took longer than 1 s"):
+        keras.read_keras_weights(path)
+    assert time.perf_counter() - start < 10
+
+
+def test_a_crashing_read_is_contained(monkeypatch, tmp_path):
+    import os
+
+    from flexunet import keras
+
+    monkeypatch.setattr(keras, "_read_keras_weights", lambda path: os._exit(139))
+    path = tmp_path / "model.h5"
+    path.write_bytes(b"x")
+    with pytest.raises(ValueError, match="crashed reading this file"):
+        keras.read_keras_weights(path)
+
+
+FUZZ = Path(__file__).resolve().parent / "fuzz_files.py"
+
+
+def test_fuzzed_files_load_or_fail_cleanly(reference, tmp_path):
+    """300 damaged copies of the reference files, in a child process: no crash, no hang, no stray error."""
+    out = tmp_path / "summary.json"
+    result = subprocess.run([sys.executable, str(FUZZ), "--seed", "0", "--cases", "300", "--out", str(out)],
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["unexpected"] == []
+    assert summary["slowest_case_s"] < 30
+    counts = summary["counts"]
+    assert sum(sum(c.values()) for c in counts.values()) == 300
+    for target in ("keras_backbone", "sleap_folder", "native"):
+        assert counts[target].get("ValueError", 0) > 0 and counts[target].get("loaded and ran", 0) > 0
