@@ -75,3 +75,24 @@ def test_help_documents_every_option_with_defaults(command):
     for option in {"": ["--debug"], "summary": ["--config", "--input-shape", "default"],
                    "convert": ["MODEL_DIR", "OUT"]}[command[0] if command else ""]:
         assert option in result.stdout
+
+
+@pytest.mark.parametrize("make_source,message", [
+    (lambda tmp: tmp / "missing", "flexunet model directory not found"),
+    (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "has no model.safetensors"),
+])
+def test_convert_errors_exit_2_with_one_line(tmp_path, make_source, message):
+    result = run("convert", str(make_source(tmp_path)), str(tmp_path / "out"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+
+
+def test_convert_sleap_folder_to_native_and_onnx(reference, tmp_path):
+    source = SLEAP_MODELS / "minimal_instance.UNet.centroid"
+    for out in (tmp_path / "native", tmp_path / "model.onnx"):
+        result = run("convert", str(source), str(out))
+        assert result.returncode == 0, result.stderr
+        assert "largest difference" in result.stdout
+        difference = float(result.stdout.split("largest difference ")[1].split()[0])
+        assert difference <= 1e-4
