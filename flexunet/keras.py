@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from flexunet.validation import mismatch_message
+
 # Keras weight name -> (PyTorch attribute, Keras-to-PyTorch array transform), per module type.
 _CONV = {"kernel": ("weight", lambda a: a.transpose(3, 2, 0, 1)), "bias": ("bias", None)}
 _PARAM_MAPS: list[tuple[type, dict[str, tuple[str, Callable | None]]]] = [
@@ -255,12 +257,9 @@ def keras_state_dict(model: nn.Module, layers: dict[str, dict[str, np.ndarray]],
             if not np.issubdtype(array.dtype, np.floating):
                 mismatched.append(f"{name}/{key}: dtype {array.dtype} is not floating point")
                 continue
-            if array.ndim != target.dim():
-                mismatched.append(f"{name}/{key}: file has {tuple(array.shape)}, model needs "
-                                  f"{_keras_shape(key, module, target)}")
-                continue
-            value = transform(array) if transform is not None else array
-            if tuple(value.shape) != tuple(target.shape):
+            same_rank = array.ndim == target.dim()
+            value = transform(array) if transform is not None and same_rank else array
+            if not same_rank or tuple(value.shape) != tuple(target.shape):
                 mismatched.append(
                     f"{name}/{key}: file has {tuple(array.shape)}, model needs "
                     f"{_keras_shape(key, module, target)}"
@@ -270,15 +269,11 @@ def keras_state_dict(model: nn.Module, layers: dict[str, dict[str, np.ndarray]],
             update[f"{prefix}.{attr}" if prefix else attr] = torch.from_numpy(
                 np.ascontiguousarray(value)
             ).to(target.dtype)
-    if missing or unexpected or mismatched:
-        lines = [f"{source} does not match the model's layers:"]
-        if missing:
-            lines.append(f"  missing from the file ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  not in the model ({len(unexpected)}): {', '.join(unexpected)}")
-        if mismatched:
-            lines.append(f"  mismatched ({len(mismatched)}): " + "; ".join(mismatched))
-        raise ValueError("\n".join(lines))
+    report = mismatch_message(f"{source} does not match the model's layers:", [
+        ("missing from the file", missing, ", "), ("not in the model", unexpected, ", "),
+        ("mismatched", mismatched, "; ")])
+    if report:
+        raise ValueError(report)
     return update
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from flexunet.heads import HeadSpec
 from flexunet.sleap import SleapModel
 from flexunet.unet import UNet
-from flexunet.validation import check_keys
+from flexunet.validation import check_keys, mismatch_message
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -107,15 +107,10 @@ def load(directory: str | os.PathLike) -> nn.Module:
     unexpected = sorted(set(state) - set(expected))
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or mismatched:
-        parts = [f"{weights_path} does not match {config_path}:"]
-        if missing:
-            parts.append(f"  missing tensors ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"  unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
-        if mismatched:
-            parts.append(f"  mismatched ({len(mismatched)}): " + "; ".join(mismatched))
-        raise ValueError("\n".join(parts))
+    report = mismatch_message(f"{weights_path} does not match {config_path}:", [
+        ("missing tensors", missing, ", "), ("unexpected tensors", unexpected, ", "), ("mismatched", mismatched, "; ")])
+    if report:
+        raise ValueError(report)
     model.load_state_dict(state)
     return model.eval()
 

@@ -91,3 +91,9 @@ def nearest_multiples(size: int, stride: int) -> tuple[int, int]:
     if above == below:
         above += stride
     return below, above
+
+
+def mismatch_message(header: str, groups: list[tuple[str, list[str], str]]) -> str | None:
+    """Multi-line report of what does not match (groups of (label, items, separator)), or None."""
+    lines = [f"  {label} ({len(items)}): {sep.join(items)}" for label, items, sep in groups if items]
+    return "\n".join([header, *lines]) if lines else None
