@@ -53,6 +53,11 @@ class Conv2dSame(nn.Conv2d):
                 return y
         if self.asymmetric_pad is not None:
             x = F.pad(x, self.asymmetric_pad)
+        cast = autocast_params(self, x)
+        if cast is not None:  # inference under autocast: weights cast once, not at every call
+            weight, bias, dtype = cast
+            with torch.autocast("cpu", enabled=False):
+                return F.conv2d(x.to(dtype), weight, bias, padding=self.padding)
         return super().forward(x)
 
     def _winograd(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -77,6 +82,29 @@ class Conv2dSame(nn.Conv2d):
             self._winograd_cache = (key, kernel)
         with torch.autocast("cpu", enabled=False):
             return fastconv.winograd_conv3x3(x.to(dtype), w, self.bias, kernel=self._winograd_cache[1])
+
+
+def autocast_params(module: nn.Module, x: torch.Tensor):
+    """(weight, bias, dtype) cast to the CPU autocast dtype and cached, for inference under autocast.
+
+    Returns None outside autocast, when gradients are tracked, or off the fast path;
+    the cache is refreshed whenever the weight changes.
+    """
+    if not (torch.is_autocast_enabled("cpu") and fastconv.use_fast_path(x)):
+        return None
+    w = module.weight
+    if torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):
+        return None
+    dtype = torch.get_autocast_dtype("cpu")
+    key = (dtype,) + tuple(
+        (t.data_ptr(), 0 if t.is_inference() else t._version) for t in (w, module.bias) if t is not None
+    )
+    cache = getattr(module, "_autocast_cache", None)
+    if cache is None or cache[0] != key:
+        bias = None if module.bias is None else module.bias.detach().to(dtype)
+        cache = (key, w.detach().to(dtype), bias)
+        module._autocast_cache = cache
+    return cache[1], cache[2], dtype
 
 
 class MaxPool2dSame(nn.Module):
@@ -131,7 +159,12 @@ class ConvTranspose2dSame(nn.ConvTranspose2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tracked = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if fastconv.use_fast_path(x) and not tracked:  # training: oneDNN's own backward is faster
-            return fastconv.transposed_conv(x, self.weight, self.bias, self.stride[0])
+            cast = autocast_params(self, x)
+            if cast is None:
+                return fastconv.transposed_conv(x, self.weight, self.bias, self.stride[0])
+            weight, bias, dtype = cast
+            with torch.autocast("cpu", enabled=False):
+                return fastconv.transposed_conv(x.to(dtype), weight, bias, self.stride[0])
         y = F.conv_transpose2d(
             x, self.weight, self.bias, self.stride, self.padding, self.output_padding
         )
