@@ -254,7 +254,7 @@ class EncoderDecoder(nn.Module):
         self.blocks = nn.ModuleDict(modules)
         self.to(memory_format=torch.channels_last)
         self._input_multiple = self.maximum_stride  # cached: forward must not rebuild the specs
-        self.output_stride_cached = self.output_stride
+        self._output_stride = self.output_stride
         self.out_channels = self._plan[-1].out_channels if self._plan else self.in_channels
         # Per-stack execution order, as plain lists of (name, flags) for a readable forward.
         self._stem_names = [p.name for p in self._plan if p.section == "stem"]
@@ -303,7 +303,7 @@ class EncoderDecoder(nn.Module):
         outputs, features, size = self._run_padded(x, keep_features)
         if size is None:
             return outputs, features
-        outputs = [crop_to_input(o, self.output_stride_cached, size) for o in outputs]
+        outputs = [crop_to_input(o, self._output_stride, size) for o in outputs]
         features = [[IntermediateFeature(crop_to_input(f.tensor, f.stride, size), f.stride) for f in stack]
                     for stack in features]
         return outputs, features
