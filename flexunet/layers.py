@@ -21,9 +21,8 @@ KERAS_BN_EPS = 1e-3
 KERAS_BN_MOMENTUM = 0.01
 # 3x3 convolutions with at least this many input and output channels use Winograd on CPU.
 WINOGRAD_MIN_CHANNELS = 256
-# Training: at least this many channels and 4x4 output tiles per batch (kernel transforms
-# are recomputed every step).
-WINOGRAD_MIN_TRAINING_CHANNELS = 128
+# Training also needs this many 4x4 output tiles per batch: kernel transforms are recomputed
+# every step, and the weight gradient is a product over the tiles.
 WINOGRAD_MIN_TRAINING_TILES = 128
 
 
@@ -39,11 +38,8 @@ class Conv2dSame(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, padding=(kernel_size - 1) // 2 if odd else 0, bias=bias)
         before = (kernel_size - 1) // 2
         self.asymmetric_pad = None if odd else (before, kernel_size - 1 - before) * 2
-        # Winograd pays off once both channel counts are large (see benchmarks/); training
-        # also does the weight gradient in Winograd space, which pays off earlier.
-        narrow = min(in_channels, out_channels)
-        self.winograd = kernel_size == 3 and narrow >= WINOGRAD_MIN_TRAINING_CHANNELS
-        self.winograd_inference = kernel_size == 3 and narrow >= WINOGRAD_MIN_CHANNELS
+        # Winograd pays off once both channel counts are large (see benchmarks/).
+        self.winograd = kernel_size == 3 and min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS
         self._winograd_cache: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,8 +69,6 @@ class Conv2dSame(nn.Conv2d):
             n, _, h, width = x.shape
             if dtype == x.dtype == w.dtype == torch.float32 and n * h * width >= 16 * WINOGRAD_MIN_TRAINING_TILES:
                 return fastconv.WinogradConv3x3.apply(x, w, self.bias)
-            return None
-        if not self.winograd_inference:
             return None
         key = (w.data_ptr(), 0 if w.is_inference() else w._version, dtype)
         if self._winograd_cache is None or self._winograd_cache[0] != key:

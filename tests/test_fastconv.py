@@ -61,7 +61,7 @@ def test_winograd_gradients_match_direct_convolution():
 
 def test_conv_layer_uses_winograd_with_many_channels_and_stays_exact():
     layer = Conv2dSame(256, 256, 3).eval()
-    assert layer.winograd_inference and not Conv2dSame(128, 256, 3).winograd_inference
+    assert layer.winograd and not Conv2dSame(128, 256, 3).winograd
     x = torch.randn(2, 256, 12, 20).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         fast = layer(x)
