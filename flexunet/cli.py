@@ -103,16 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flexunet",
         description="SLEAP's generalized UNet in PyTorch: inspect, convert and export models.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors (default: off)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
         "summary", help="per-layer table, parameters, strides, receptive field, FLOPs and memory",
         description="Print a model's layers (SLEAP layer names), parameter count, strides, receptive "
         "field, FLOPs and memory. Without --config: the default UNet (34,512,128 parameters).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", metavar="FILE", default=None,
                    help="JSON file: UNet parameters, a UNetConfig, a SLEAP training_config.json or a "
@@ -120,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", nargs=3, type=int, metavar=("H", "W", "C"), default=None,
                    help="input height, width and channels (default: 192 192 and the model's channels)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show the full traceback on errors")
+                   help="show the full traceback on errors (default: off)")
     p.set_defaults(func=_summary)
 
     p = sub.add_parser(
@@ -128,12 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert MODEL_DIR (a SLEAP folder with training_config.json and best_model.h5, "
         "or a flexunet directory) to OUT: a directory (flexunet.save format) or a .onnx file. "
         "The result is run on a random input and compared with the source.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="SLEAP model folder or flexunet model directory")
     p.add_argument("out", metavar="OUT", help="output directory, or a file ending in .onnx")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show the full traceback on errors")
+                   help="show the full traceback on errors (default: off)")
     p.set_defaults(func=_convert)
     return parser
 
