@@ -204,19 +204,12 @@ def run_sleap_folder(work: Path, rng: random.Random) -> str:
     folder = work / "model"
     shutil.copytree(SLEAP_MODELS / "minimal_instance.UNet.centroid", folder)
     if rng.random() < 0.5:
-        what = mutate_h5(folder / "best_model.h5", rng)
         damaged = folder / "best_model.h5"
+        what = mutate_h5(damaged, rng)
     else:
-        what = mutate_json(folder / "training_config.json", rng, focus=("model",))
         damaged = folder / "training_config.json"
-    try:
-        model = flexunet.sleap.load_model(folder)
-    except DOCUMENTED as err:
-        _names_file(err, damaged, what, also=folder)
-        raise
-    with torch.no_grad():
-        model(torch.rand(1, model.in_channels, 32, 32))
-    return what
+        what = mutate_json(damaged, rng, focus=("model",))
+    return _load_and_run(flexunet.sleap.load_model, folder, damaged, what, side=32)
 
 
 def run_native(work: Path, rng: random.Random) -> str:
@@ -224,18 +217,23 @@ def run_native(work: Path, rng: random.Random) -> str:
     torch.manual_seed(0)
     flexunet.save(flexunet.UNet(filters=4, down_blocks=2, up_blocks=2), folder)
     if rng.random() < 0.5:
-        what = rng.choice([flip_bytes, truncate, zero_block, replace_with_text])(folder / "model.safetensors", rng)
         damaged = folder / "model.safetensors"
+        what = rng.choice([flip_bytes, truncate, zero_block, replace_with_text])(damaged, rng)
     else:
-        what = mutate_json(folder / "config.json", rng)
         damaged = folder / "config.json"
+        what = mutate_json(damaged, rng)
+    return _load_and_run(flexunet.load, folder, damaged, what, side=16)
+
+
+def _load_and_run(load, folder: Path, damaged: Path, what: str, side: int) -> str:
+    """Load a damaged folder; a documented error must name the file, a model must run."""
     try:
-        model = flexunet.load(folder)
+        model = load(folder)
     except DOCUMENTED as err:
         _names_file(err, damaged, what, also=folder)
         raise
     with torch.no_grad():
-        model(torch.rand(1, model.in_channels, 16, 16))
+        model(torch.rand(1, model.in_channels, side, side))
     return what
 
 
