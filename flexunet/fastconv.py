@@ -217,12 +217,9 @@ def transposed_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         stride: Upsampling factor.
 
     Returns:
-        (N, Cout, H * stride, W * stride) in channels-last memory.
+        (N, Cout, H * stride, W * stride) in x's dtype and channels-last memory (callers
+        under autocast cast the operands and disable autocast first, as the layer does).
     """
-    if torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
-        with torch.autocast("cpu", enabled=False):
-            return transposed_conv(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), stride)
     n, cin, h, w = x.shape
     cout, k = weight.shape[1], weight.shape[-1]
     weight = weight.to(x.dtype)

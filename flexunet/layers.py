@@ -70,12 +70,18 @@ class Conv2dSame(nn.Conv2d):
             if dtype == x.dtype == w.dtype == torch.float32 and n * h * width >= 16 * WINOGRAD_MIN_TRAINING_TILES:
                 return fastconv.WinogradConv3x3.apply(x, w, self.bias)
             return None
-        key = (w.data_ptr(), 0 if w.is_inference() else w._version, dtype)
+        key = (dtype, *_state_key(w))
         if self._winograd_cache is None or self._winograd_cache[0] != key:
             kernel = fastconv.winograd_kernel(w.detach(), fastconv.winograd_tile(dtype)).to(dtype)
             self._winograd_cache = (key, kernel)
         with torch.autocast("cpu", enabled=False):
             return fastconv.winograd_conv3x3(x.to(dtype), w, self.bias, kernel=self._winograd_cache[1])
+
+
+def _state_key(*tensors) -> tuple:
+    """Identity and in-place version of each tensor (None skipped): a cache stays valid while equal."""
+    # Inference tensors have no version counter; they cannot be changed in place outside inference mode.
+    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors if t is not None)
 
 
 def autocast_params(module: nn.Module, x: torch.Tensor):
@@ -90,9 +96,7 @@ def autocast_params(module: nn.Module, x: torch.Tensor):
     if torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):
         return None
     dtype = torch.get_autocast_dtype("cpu")
-    key = (dtype,) + tuple(
-        (t.data_ptr(), 0 if t.is_inference() else t._version) for t in (w, module.bias) if t is not None
-    )
+    key = (dtype, *_state_key(w, module.bias))
     cache = getattr(module, "_autocast_cache", None)
     if cache is None or cache[0] != key:
         bias = None if module.bias is None else module.bias.detach().to(dtype)
