@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexunet import fastconv
+from flexunet import fastconv, native
 
 # Keras' BatchNormalization defaults (momentum 0.99 is 1 - 0.01 in PyTorch's convention).
 KERAS_BN_EPS = 1e-3
@@ -38,8 +38,10 @@ class Conv2dSame(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, padding=(kernel_size - 1) // 2 if odd else 0, bias=bias)
         before = (kernel_size - 1) // 2
         self.asymmetric_pad = None if odd else (before, kernel_size - 1 - before) * 2
-        # Winograd pays off once both channel counts are large (see benchmarks/).
-        self.winograd = kernel_size == 3 and min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS
+        # The fused native kernel wins from 16 input channels on; the PyTorch Winograd path
+        # only once both channel counts are large (see benchmarks/).
+        self.winograd = kernel_size == 3
+        self.large = min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS
         self._winograd_cache: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,15 +69,22 @@ class Conv2dSame(nn.Conv2d):
             # Training: float32 only, and only where there are enough tiles to amortise the
             # kernel transforms that every step recomputes.
             n, _, h, width = x.shape
-            if dtype == x.dtype == w.dtype == torch.float32 and n * h * width >= 16 * WINOGRAD_MIN_TRAINING_TILES:
+            if (self.large and dtype == x.dtype == w.dtype == torch.float32
+                    and n * h * width >= 16 * WINOGRAD_MIN_TRAINING_TILES):
                 return fastconv.WinogradConv3x3.apply(x, w, self.bias)
             return None
-        key = (dtype, *_state_key(w))
+        fused = native.supports_winograd(dtype, self.in_channels, self.out_channels) and native.available()
+        if not (fused or self.large):
+            return None
+        key = (dtype, fused, *_state_key(w))
         if self._winograd_cache is None or self._winograd_cache[0] != key:
-            kernel = fastconv.winograd_kernel(w.detach(), fastconv.winograd_tile(dtype)).to(dtype)
-            self._winograd_cache = (key, kernel)
+            kernel = fastconv.winograd_kernel(w.detach(), 4 if fused else fastconv.winograd_tile(dtype)).to(dtype)
+            self._winograd_cache = (key, native.pack_kernel(kernel) if fused else kernel)
+        kernel = self._winograd_cache[1]
         with torch.autocast("cpu", enabled=False):
-            return fastconv.winograd_conv3x3(x.to(dtype), w, self.bias, kernel=self._winograd_cache[1])
+            if fused:
+                return native.winograd_conv3x3(x.to(dtype), kernel, self.bias)
+            return fastconv.winograd_conv3x3(x.to(dtype), w, self.bias, kernel=kernel)
 
 
 def _state_key(*tensors) -> tuple:

@@ -1,0 +1,191 @@
+/* Fused Winograd F(4x4, 3x3) convolution for channels-last float32 tensors.
+ *
+ * One pass per block of output tiles, everything in cache: the input tiles are
+ * transformed into V (36 x tiles x Cin), multiplied by the pre-transformed
+ * kernel U (36 x Cout x Cin panels) one 64-channel column block at a time, and
+ * the products are transformed back, biased, optionally rectified and stored.
+ * Built at first use by flexunet.native with -O3 -march=native; GCC vector
+ * extensions map the 16-float vectors onto AVX-512 or pairs of AVX2 registers.
+ *
+ * Layouts:
+ *   x    (N, H, W, Cin)             Cin % 16 == 0
+ *   u    (36, Cin * Cout)           kernel in Winograd space, per position in panels of
+ *                                   NR = 64 output channels (the last may be narrower),
+ *                                   each panel (Cin, width) row-major
+ *   out  (N, H, W, Cout)            Cout % 16 == 0
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef int mask16 __attribute__((vector_size(64)));
+
+#define NR 64 /* output channels per panel: 4 vectors */
+#define MR 6  /* tiles per register block */
+#define TILE 4
+#define A 6
+#define P 36
+
+static inline v16 load(const float *p) { return *(const v16 *)p; }
+static inline void store(float *p, v16 v) { *(v16 *)p = v; }
+
+/* Rows of B^T applied to six vectors (one column or row of a 6x6 tile). */
+static inline void input_1d(const v16 d[6], v16 r[6]) {
+    r[0] = 4.0f * d[0] - 5.0f * d[2] + d[4];
+    r[1] = -4.0f * (d[1] + d[2]) + d[3] + d[4];
+    r[2] = 4.0f * (d[1] - d[2]) - d[3] + d[4];
+    r[3] = 2.0f * (d[3] - d[1]) - d[2] + d[4];
+    r[4] = 2.0f * (d[1] - d[3]) - d[2] + d[4];
+    r[5] = 4.0f * d[1] - 5.0f * d[3] + d[5];
+}
+
+/* Rows of A^T applied to six vectors. */
+static inline void output_1d(const v16 m[6], v16 o[4]) {
+    v16 s12 = m[1] + m[2], d12 = m[1] - m[2], s34 = m[3] + m[4], d34 = m[3] - m[4];
+    o[0] = m[0] + s12 + s34;
+    o[1] = d12 + 2.0f * d34;
+    o[2] = s12 + 4.0f * s34;
+    o[3] = d12 + 8.0f * d34 + m[5];
+}
+
+/* V[p][r][c..c+16] for one tile whose top-left input pixel is (y0, x0) (may be -1). */
+static void transform_tile(const float *x, int h, int w, int cin, int y0, int x0, float *v, int r, int rows) {
+    int interior = y0 >= 0 && x0 >= 0 && y0 + A <= h && x0 + A <= w;
+    for (int c = 0; c < cin; c += 16) {
+        v16 d[A][A], t[A][A];
+        for (int i = 0; i < A; i++)
+            for (int j = 0; j < A; j++) {
+                int y = y0 + i, xx = x0 + j;
+                if (interior || (y >= 0 && y < h && xx >= 0 && xx < w))
+                    d[i][j] = load(x + ((size_t)y * w + xx) * cin + c);
+                else
+                    d[i][j] = (v16){0};
+            }
+        for (int j = 0; j < A; j++) { /* columns */
+            v16 col[A], res[A];
+            for (int i = 0; i < A; i++) col[i] = d[i][j];
+            input_1d(col, res);
+            for (int i = 0; i < A; i++) t[i][j] = res[i];
+        }
+        for (int i = 0; i < A; i++) { /* rows */
+            v16 res[A];
+            input_1d(t[i], res);
+            for (int j = 0; j < A; j++) store(v + ((size_t)(i * A + j) * rows + r) * cin + c, res[j]);
+        }
+    }
+}
+
+/* c[MR][16 nv] = a[MR rows, stride lda][0:k] @ b[0:k][16 nv], for nv = 1..4 vectors. */
+static inline __attribute__((always_inline)) void micro(const float *a, int lda, const float *b, int k, float *c,
+                                                        const int nv) {
+    v16 acc[MR][4];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < nv; j++) acc[i][j] = (v16){0};
+    for (int kk = 0; kk < k; kk++) {
+        v16 bv[4];
+        for (int j = 0; j < nv; j++) bv[j] = load(b + 16 * j);
+        b += 16 * nv;
+        for (int i = 0; i < MR; i++) {
+            float s = a[i * lda + kk];
+            for (int j = 0; j < nv; j++) acc[i][j] += s * bv[j];
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < nv; j++) store(c + i * NR + 16 * j, acc[i][j]);
+}
+
+static void micro_n(const float *a, int lda, const float *b, int k, float *c, int nv) {
+    switch (nv) {
+    case 1: micro(a, lda, b, k, c, 1); break;
+    case 2: micro(a, lda, b, k, c, 2); break;
+    case 3: micro(a, lda, b, k, c, 3); break;
+    default: micro(a, lda, b, k, c, 4); break;
+    }
+}
+
+/* Output tile from M[p][r][0:NR] for one 16-channel slice `j`: bias, ReLU, store. */
+static void output_tile(const float *m, int rows, int r, int j, const float *bias, int relu,
+                        float *out, int h, int w, int cout, int y0, int x0, int col0) {
+    v16 t[4][A], o[4][4];
+    for (int jj = 0; jj < A; jj++) { /* columns of the 6x6 product */
+        v16 col[A], res[4];
+        for (int i = 0; i < A; i++) col[i] = load(m + ((size_t)(i * A + jj) * rows + r) * NR + 16 * j);
+        output_1d(col, res);
+        for (int i = 0; i < 4; i++) t[i][jj] = res[i];
+    }
+    for (int i = 0; i < 4; i++) output_1d(t[i], o[i]);
+    v16 b = bias ? load(bias + col0 + 16 * j) : (v16){0};
+    v16 zero = {0};
+    for (int i = 0; i < 4 && y0 + i < h; i++)
+        for (int jj = 0; jj < 4 && x0 + jj < w; jj++) {
+            v16 val = o[i][jj] + b;
+            if (relu) val = (v16)((mask16)val & ~(val < zero)); /* NaN is kept, as torch.relu does */
+            store(out + ((size_t)(y0 + i) * w + x0 + jj) * cout + col0 + 16 * j, val);
+        }
+}
+
+static int block_rows(int cin) {
+    /* Keep V (36 x rows x Cin floats) near 1 MiB; rows a multiple of MR. */
+    int rows = (1 << 18) / (P * cin);
+    rows = rows / MR * MR;
+    if (rows < MR) rows = MR;
+    if (rows > 8 * MR) rows = 8 * MR;
+    return rows;
+}
+
+int flexunet_winograd_f43(const float *x, int n, int h, int w, int cin, const float *u,
+                          const float *bias, float *out, int cout, int relu, int threads) {
+    if (cin % 16 || cout % 16 || n <= 0 || h <= 0 || w <= 0) return 1;
+    int th = (h + TILE - 1) / TILE, tw = (w + TILE - 1) / TILE;
+    long tiles = (long)n * th * tw;
+    int rows = block_rows(cin);
+    long blocks = (tiles + rows - 1) / rows;
+    int panels = (cout + NR - 1) / NR, failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *v = aligned_alloc(64, sizeof(float) * P * rows * cin);
+        float *m = aligned_alloc(64, sizeof(float) * P * rows * NR);
+        if (!v || !m) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            memset(v, 0, sizeof(float) * P * rows * cin);
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(dynamic, 1)
+            for (long blk = 0; blk < blocks; blk++) {
+                long t0 = blk * rows;
+                int count = tiles - t0 < rows ? (int)(tiles - t0) : rows;
+                for (int r = 0; r < count; r++) {
+                    long t = t0 + r;
+                    int img = t / (th * tw), rem = t % (th * tw);
+                    transform_tile(x + (size_t)img * h * w * cin, h, w, cin, (rem / tw) * TILE - 1,
+                                   (rem % tw) * TILE - 1, v, r, rows);
+                }
+                int used = (count + MR - 1) / MR * MR;
+                for (int pn = 0; pn < panels; pn++) {
+                    int width = cout - pn * NR < NR ? cout - pn * NR : NR;
+                    for (int p = 0; p < P; p++) {
+                        const float *up = u + (size_t)p * cin * cout + (size_t)pn * cin * NR;
+                        const float *vp = v + (size_t)p * rows * cin;
+                        float *mp = m + (size_t)p * rows * NR;
+                        for (int r = 0; r < used; r += MR)
+                            micro_n(vp + (size_t)r * cin, cin, up, cin, mp + (size_t)r * NR, width / 16);
+                    }
+                    for (int r = 0; r < count; r++) {
+                        long t = t0 + r;
+                        int img = t / (th * tw), rem = t % (th * tw);
+                        for (int j = 0; j < width / 16; j++)
+                            output_tile(m, rows, r, j, bias, relu, out + (size_t)img * h * w * cout, h, w, cout,
+                                        (rem / tw) * TILE, (rem % tw) * TILE, pn * NR);
+                    }
+                }
+            }
+        }
+        free(v);
+        free(m);
+    }
+    return failed ? 2 : 0;
+}

@@ -1,0 +1,124 @@
+"""The fused native Winograd kernel: exact, used by default, and optional."""
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flexunet
+from flexunet import fastconv, native
+
+if not native.available():
+    if os.environ.get("CI"):
+        raise RuntimeError("CI runs on a machine with a C compiler: the native kernels must build there.")
+    pytest.skip("native kernels unavailable here (no C compiler)", allow_module_level=True)
+
+
+def _native(x, weight, bias, relu=False):
+    packed = native.pack_kernel(fastconv.winograd_kernel(weight, 4))
+    return native.winograd_conv3x3(x, packed, bias, relu=relu)
+
+
+@pytest.mark.parametrize(
+    "n,cin,cout,h,w",
+    [
+        (1, 16, 64, 1, 1),  # a single pixel: every tap but the centre is padding
+        (2, 16, 64, 5, 7),  # partial tiles at the bottom and right
+        (3, 32, 128, 8, 8),  # whole tiles
+        (1, 64, 64, 37, 29),  # odd sizes, more tiles than one block
+        (2, 48, 192, 13, 4),
+        (1, 16, 16, 6, 5),  # one narrow panel
+        (2, 32, 112, 7, 9),  # a full panel and a 48-wide one
+        (1, 1024, 64, 6, 6),  # deep input: small blocks
+    ],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_native_winograd_matches_direct_convolution(n, cin, cout, h, w, bias):
+    torch.manual_seed(n * cin + h)
+    x = torch.randn(n, cin, h, w).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(cout, cin, 3, 3)
+    b = torch.randn(cout) if bias else None
+    y = _native(x, weight, b)
+    ref = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
+    assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 2e-6 * max(1, cin ** 0.5)
+
+
+def test_native_winograd_fuses_relu_and_keeps_nan():
+    x = torch.randn(1, 16, 9, 9).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(64, 16, 3, 3), torch.randn(64)
+    plain = _native(x, weight, bias)
+    torch.testing.assert_close(_native(x, weight, bias, relu=True), torch.relu(plain))
+    x[0, 3, 4, 4] = float("nan")
+    y = _native(x, weight, bias, relu=True)
+    assert y[0, :, 3:6, 3:6].isnan().all() and not y[0, :, 0, 0].isnan().any()
+
+
+def test_native_winograd_reads_channels_first_input():
+    x = torch.randn(2, 16, 10, 6)  # NCHW, as users pass it
+    weight = torch.randn(64, 16, 3, 3)
+    torch.testing.assert_close(_native(x, weight, None), F.conv2d(x, weight, padding=1), atol=1e-4, rtol=1e-4)
+
+
+def test_native_winograd_rejects_unsupported_channel_counts():
+    assert native.supports_winograd(torch.float32, 16, 64)
+    assert not native.supports_winograd(torch.float32, 8, 64)
+    assert not native.supports_winograd(torch.float32, 16, 40)
+    assert not native.supports_winograd(torch.bfloat16, 16, 64)
+    packed = torch.zeros(36, 8 * 64)
+    with pytest.raises(ValueError, match="Cin % 16"):
+        native.winograd_conv3x3(torch.zeros(1, 8, 4, 4), packed, None)
+
+
+def test_unet_uses_the_native_kernel_by_default(monkeypatch):
+    """Default inference goes through the fused kernel and equals the pure-PyTorch path."""
+    torch.manual_seed(0)
+    model = flexunet.UNet(filters=16, down_blocks=2, up_blocks=2).eval()
+    x = torch.rand(2, 1, 40, 40)
+    calls = []
+    original = native.winograd_conv3x3
+    monkeypatch.setattr(native, "winograd_conv3x3", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.inference_mode():
+        fast = model(x)
+        assert len(calls) == 9  # all ten 3x3 convolutions but the first (1 input channel)
+        monkeypatch.setattr(native, "available", lambda: False)
+        plain = model(x)
+    assert float((fast - plain).abs().max() / plain.abs().max()) < 1e-5
+
+
+def test_library_builds_into_the_cache_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEXUNET_CACHE_DIR", str(tmp_path))
+    path = native._build(native._compiler())
+    assert path.parent == tmp_path and path.suffix == ".so"
+    assert native._build(native._compiler()) == path  # built once, then reused
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left
+
+
+def test_without_a_compiler_the_layers_fall_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    native.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no C compiler"):
+            assert native.library() is None
+        model = flexunet.UNet(filters=16, down_blocks=1, up_blocks=1).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once, not at every call
+            with torch.inference_mode():
+                assert model(torch.rand(1, 1, 16, 16)).shape == (1, 16, 16, 16)
+    finally:
+        native.library.cache_clear()
+
+
+def test_native_kernels_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("FLEXUNET_NATIVE", "0")
+    native.library.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # switching off is silent
+            assert not native.available()
+    finally:
+        native.library.cache_clear()
+    monkeypatch.delenv("FLEXUNET_NATIVE")
+    assert native.available()
