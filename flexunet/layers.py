@@ -24,6 +24,9 @@ WINOGRAD_MIN_CHANNELS = 256
 # Training also needs this many 4x4 output tiles per batch: kernel transforms are recomputed
 # every step, and the weight gradient is a product over the tiles.
 WINOGRAD_MIN_TRAINING_TILES = 128
+# The same for the fused native kernel, which transforms the kernel twice per step (forward
+# and input gradient) and takes the weight gradient from PyTorch.
+NATIVE_MIN_TRAINING_TILES = 512
 
 
 class Conv2dSame(nn.Conv2d):
@@ -65,21 +68,26 @@ class Conv2dSame(nn.Conv2d):
         if dtype not in (torch.float32, torch.bfloat16):
             return None
         tracked = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)
+        fused = native.supports_winograd(dtype, self.in_channels, self.out_channels) and native.available()
         if tracked:
             # Training: float32 only, and only where there are enough tiles to amortise the
             # kernel transforms that every step recomputes.
             n, _, h, width = x.shape
-            if (self.large and dtype == x.dtype == w.dtype == torch.float32
-                    and n * h * width >= 16 * WINOGRAD_MIN_TRAINING_TILES):
-                return fastconv.WinogradConv3x3.apply(x, w, self.bias)
-            return None
-        fused = native.supports_winograd(dtype, self.in_channels, self.out_channels) and native.available()
+            tiles = n * h * width / 16
+            if not (dtype == x.dtype == w.dtype == torch.float32 and tiles >= WINOGRAD_MIN_TRAINING_TILES):
+                return None
+            if fused and tiles >= NATIVE_MIN_TRAINING_TILES:
+                return native.WinogradConv3x3.apply(x, w, self.bias)
+            return fastconv.WinogradConv3x3.apply(x, w, self.bias) if self.large else None
         if not (fused or self.large):
             return None
         key = (dtype, fused, *_state_key(w))
         if self._winograd_cache is None or self._winograd_cache[0] != key:
-            kernel = fastconv.winograd_kernel(w.detach(), 4 if fused else fastconv.winograd_tile(dtype)).to(dtype)
-            self._winograd_cache = (key, native.pack_kernel(kernel) if fused else kernel)
+            if fused:
+                kernel = native.transform_kernel(w)
+            else:
+                kernel = fastconv.winograd_kernel(w.detach(), fastconv.winograd_tile(dtype)).to(dtype)
+            self._winograd_cache = (key, kernel)
         kernel = self._winograd_cache[1]
         with torch.autocast("cpu", enabled=False):
             if fused:

@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from flexunet import fastconv
+
 SOURCE = Path(__file__).parent / "csrc" / "winograd.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 PANEL = 64  # output channels per kernel panel (NR in the C source)
@@ -110,10 +112,10 @@ def supports_winograd(dtype: torch.dtype, in_channels: int, out_channels: int) -
 
 
 def pack_kernel(kernel: torch.Tensor) -> torch.Tensor:
-    """Winograd-space kernel (36, Cin, Cout) as the C code reads it, float32.
+    """A (P, Cin, Cout) kernel in the layout the C code reads, float32: (P, Cin * Cout).
 
     Per position, the output channels are cut into panels of 64 (the last one
-    narrower), each stored (Cin, width) row-major: shape (36, Cin * Cout).
+    narrower), each stored (Cin, width) row-major.
     """
     p, cin, cout = kernel.shape
     kernel = kernel.float()
@@ -124,11 +126,24 @@ def pack_kernel(kernel: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=1).contiguous()
 
 
+def transform_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """A (Cout, Cin, 3, 3) weight in Winograd F(4x4, 3x3) space, packed for `winograd_conv3x3`.
+
+    The nine taps are packed first and transformed after: the transform is linear
+    per column, so this equals `pack_kernel(fastconv.winograd_kernel(weight, 4))`
+    at a quarter of the copying.
+    """
+    cout, cin = weight.shape[:2]
+    _, gg, _ = fastconv._winograd_matrices(4, torch.float32)
+    taps = pack_kernel(weight.detach().float().permute(2, 3, 1, 0).reshape(9, cin, cout))
+    return gg @ taps
+
+
 def winograd_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
                      relu: bool = False) -> torch.Tensor:
     """3x3 'same' convolution of a float32 (N, Cin, H, W) batch by the fused F(4x4, 3x3) kernel.
 
-    `packed` comes from `pack_kernel(fastconv.winograd_kernel(weight, 4))`. The
+    `packed` comes from `transform_kernel(weight)`. The
     result is channels-last float32; callers check `supports_winograd` first.
     """
     lib = library()
@@ -146,3 +161,34 @@ def winograd_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch
         raise ValueError(f"flexunet's Winograd kernel cannot take an input of shape {tuple(x.shape)} "
                          f"with {cout} output channels (needs H, W >= 1, Cin % 16 == 0, Cout % 16 == 0).")
     return out
+
+
+class WinogradConv3x3(torch.autograd.Function):
+    """3x3 'same' float32 convolution for training on the fused kernel.
+
+    Forward and input gradient (the same convolution with the kernel flipped and
+    its channels swapped) run on the native kernel; the weight and bias
+    gradients come from PyTorch's own convolution backward. Saves what a plain
+    convolution saves: the input and the weight.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        with torch.no_grad():
+            return winograd_conv3x3(x, transform_kernel(weight), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            flipped = weight.flip(2, 3).transpose(0, 1)
+            grad_x = winograd_conv3x3(grad_out, transform_kernel(flipped), None)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1],
+                False, [0, 0], 1, [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
+        return grad_x, grad_w, grad_b

@@ -17,7 +17,7 @@ if not native.available():
 
 
 def _native(x, weight, bias, relu=False):
-    packed = native.pack_kernel(fastconv.winograd_kernel(weight, 4))
+    packed = native.transform_kernel(weight)
     return native.winograd_conv3x3(x, packed, bias, relu=relu)
 
 

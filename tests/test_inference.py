@@ -1,0 +1,83 @@
+"""`flexunet.optimize_for_inference`: same outputs as eager, bf16 within 5%, model untouched."""
+
+import pytest
+import torch
+
+import flexunet
+from flexunet import inference, native
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return flexunet.UNet(filters=16, down_blocks=3, up_blocks=3).eval()
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 0.05)])
+def test_runner_matches_eager(model, dtype, tolerance):
+    x = torch.rand(2, 1, 48, 40)
+    with torch.inference_mode():
+        ref = model(x)
+    runner = flexunet.optimize_for_inference(model, x, dtype=dtype)
+    out = runner(torch.rand(3, 1, 32, 64))  # other batch and size than the example
+    assert out.shape == (3, 16, 32, 64) and out.dtype == torch.float32
+    y = runner(x)
+    assert float((y - ref).abs().max() / ref.abs().max()) < tolerance
+    assert runner.model is not model and next(model.parameters()).dtype == torch.float32
+
+
+def test_runner_keeps_sleap_outputs_structure():
+    from flexunet.heads import HeadSpec
+    torch.manual_seed(1)
+    backbone = flexunet.UNet(filters=16, down_blocks=2, up_blocks=1)
+    heads = [HeadSpec("CentroidConfmapsHead", "CentroidConfmapsHead_0", 1, 4),
+             HeadSpec("OffsetRefinementHead", "OffsetRefinementHead_0", 2, 4)]
+    sleap_model = flexunet.sleap.SleapModel(backbone, heads).eval()
+    x = torch.rand(1, 1, 32, 32)
+    with torch.inference_mode():
+        ref = sleap_model(x)
+    out = flexunet.optimize_for_inference(sleap_model, x)(x)
+    assert type(out) is type(ref) and list(out) == list(ref)
+    for key in ref:
+        torch.testing.assert_close(out[key], ref[key], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    (dict(dtype=torch.float16), ValueError, "dtype must be"),
+    (dict(example_input=torch.zeros(1, 1, 8, 8, dtype=torch.int64)), TypeError, "floating-point"),
+    (dict(example_input=[[0.0]]), TypeError, "floating-point"),
+])
+def test_bad_arguments_are_rejected(model, bad, error, match):
+    kwargs = dict(example_input=torch.rand(1, 1, 16, 16), dtype=torch.float32) | bad
+    with pytest.raises(error, match=match):
+        flexunet.optimize_for_inference(model, **kwargs)
+
+
+def test_allocator_tuning_is_optional(model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(inference, "keep_large_allocations", lambda: calls.append(1) or True)
+    flexunet.optimize_for_inference(model, torch.rand(1, 1, 16, 16), tune_allocator=False)
+    assert calls == []
+    flexunet.optimize_for_inference(model, torch.rand(1, 1, 16, 16))
+    assert calls == [1]
+
+
+def test_allocator_tuning_takes_effect_on_glibc():
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    inference.keep_large_allocations.cache_clear()
+    assert inference.keep_large_allocations() is True
+
+
+def test_without_native_kernels_the_runner_falls_back_with_a_warning(model, monkeypatch):
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    native.library.cache_clear()
+    try:
+        x = torch.rand(1, 1, 24, 24)
+        with pytest.warns(RuntimeWarning, match="native CPU kernels unavailable"):
+            runner = flexunet.optimize_for_inference(model, x)
+        with torch.inference_mode():
+            torch.testing.assert_close(runner(x), model(x), atol=1e-5, rtol=1e-4)
+    finally:
+        native.library.cache_clear()
