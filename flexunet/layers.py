@@ -84,14 +84,14 @@ class Conv2dSame(nn.Conv2d):
         key = (dtype, fused, *_state_key(w))
         if self._winograd_cache is None or self._winograd_cache[0] != key:
             if fused:
-                kernel = native.transform_kernel(w)
+                kernel = native.transform_kernel(w, dtype)
             else:
                 kernel = fastconv.winograd_kernel(w.detach(), fastconv.winograd_tile(dtype)).to(dtype)
             self._winograd_cache = (key, kernel)
         kernel = self._winograd_cache[1]
         with torch.autocast("cpu", enabled=False):
             if fused:
-                return native.winograd_conv3x3(x.to(dtype), kernel, self.bias)
+                return native.winograd_conv3x3(x, kernel, self.bias)
             return fastconv.winograd_conv3x3(x.to(dtype), w, self.bias, kernel=kernel)
 
 

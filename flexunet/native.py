@@ -88,11 +88,12 @@ def library() -> Optional[ctypes.CDLL]:
     else:
         try:
             lib = ctypes.CDLL(str(_build(compiler)))
-            fn = lib.flexunet_winograd_f43
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                           ctypes.c_int]
+            for fn in (lib.flexunet_winograd_f43, lib.flexunet_winograd_f23_bf16):
+                fn.restype = ctypes.c_int
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_int]
+            lib.flexunet_has_bf16.restype = ctypes.c_int
             return lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             reason = str(exc)
@@ -108,58 +109,73 @@ def available() -> bool:
 
 def supports_winograd(dtype: torch.dtype, in_channels: int, out_channels: int) -> bool:
     """Whether `winograd_conv3x3` handles inputs of this dtype and these channel counts."""
-    return dtype == torch.float32 and in_channels % 16 == 0 and out_channels % 16 == 0
+    if in_channels % 16 or out_channels % 16:
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and has_bfloat16())
 
 
-def pack_kernel(kernel: torch.Tensor) -> torch.Tensor:
-    """A (P, Cin, Cout) kernel in the layout the C code reads, float32: (P, Cin * Cout).
+def has_bfloat16() -> bool:
+    """True when the kernels were built with AVX512-BF16 (bfloat16 dot products)."""
+    lib = library()
+    return lib is not None and bool(lib.flexunet_has_bf16())
+
+
+def pack_kernel(kernel: torch.Tensor, pairs: bool = False) -> torch.Tensor:
+    """A (P, Cin, Cout) kernel in the layout the C code reads: (P, Cin * Cout).
 
     Per position, the output channels are cut into panels of 64 (the last one
-    narrower), each stored (Cin, width) row-major.
+    narrower), each stored (Cin, width) row-major, or with `pairs` (bfloat16)
+    (Cin / 2, width, 2): two consecutive input channels side by side.
     """
     p, cin, cout = kernel.shape
-    kernel = kernel.float()
-    full = cout // PANEL * PANEL
-    parts = [kernel[:, :, :full].reshape(p, cin, -1, PANEL).permute(0, 2, 1, 3).reshape(p, -1)]
-    if full < cout:
-        parts.append(kernel[:, :, full:].reshape(p, -1))
+    parts = []
+    for start in range(0, cout, PANEL):
+        panel = kernel[:, :, start:start + PANEL]
+        if pairs:
+            panel = panel.reshape(p, cin // 2, 2, -1).transpose(2, 3)
+        parts.append(panel.reshape(p, -1))
     return torch.cat(parts, dim=1).contiguous()
 
 
-def transform_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """A (Cout, Cin, 3, 3) weight in Winograd F(4x4, 3x3) space, packed for `winograd_conv3x3`.
+def transform_kernel(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A (Cout, Cin, 3, 3) weight in Winograd space, packed for `winograd_conv3x3` in `dtype`.
 
-    The nine taps are packed first and transformed after: the transform is linear
-    per column, so this equals `pack_kernel(fastconv.winograd_kernel(weight, 4))`
-    at a quarter of the copying.
+    float32 uses F(4x4, 3x3) (36 positions), bfloat16 F(2x2, 3x3) (16 positions).
+    The nine taps are packed first and transformed after (the transform is
+    linear per column), which copies a quarter as much.
     """
     cout, cin = weight.shape[:2]
-    _, gg, _ = fastconv._winograd_matrices(4, torch.float32)
-    taps = pack_kernel(weight.detach().float().permute(2, 3, 1, 0).reshape(9, cin, cout))
-    return gg @ taps
+    bf16 = dtype == torch.bfloat16
+    _, gg, _ = fastconv._winograd_matrices(2 if bf16 else 4, torch.float32)
+    taps = pack_kernel(weight.detach().float().permute(2, 3, 1, 0).reshape(9, cin, cout), pairs=bf16)
+    return (gg @ taps).to(dtype)
 
 
 def winograd_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
                      relu: bool = False) -> torch.Tensor:
-    """3x3 'same' convolution of a float32 (N, Cin, H, W) batch by the fused F(4x4, 3x3) kernel.
+    """3x3 'same' convolution of an (N, Cin, H, W) batch on the fused kernel, in `packed`'s dtype.
 
-    `packed` comes from `transform_kernel(weight)`. The
-    result is channels-last float32; callers check `supports_winograd` first.
+    `packed` comes from `transform_kernel(weight, dtype)`: float32 runs
+    F(4x4, 3x3), bfloat16 F(2x2, 3x3) with bfloat16 products accumulated in
+    float32. The result is channels-last in that dtype; callers check
+    `supports_winograd` first.
     """
     lib = library()
     n, cin, h, w = x.shape
     cout = packed.shape[1] // cin
-    x = x.contiguous(memory_format=torch.channels_last)
-    out = torch.empty((n, cout, h, w), dtype=torch.float32, memory_format=torch.channels_last)
+    dtype = packed.dtype
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    out = torch.empty((n, cout, h, w), dtype=dtype, memory_format=torch.channels_last)
     b = None if bias is None else bias.detach().float().contiguous()
-    status = lib.flexunet_winograd_f43(x.data_ptr(), n, h, w, cin, packed.data_ptr(),
-                                       None if b is None else b.data_ptr(), out.data_ptr(), cout,
-                                       int(relu), torch.get_num_threads())
+    fn = lib.flexunet_winograd_f23_bf16 if dtype == torch.bfloat16 else lib.flexunet_winograd_f43
+    status = fn(x.data_ptr(), n, h, w, cin, packed.data_ptr(), None if b is None else b.data_ptr(),
+                out.data_ptr(), cout, int(relu), torch.get_num_threads())
     if status == 2:
         raise MemoryError("flexunet's Winograd kernel could not allocate its work buffers.")
     if status != 0:
         raise ValueError(f"flexunet's Winograd kernel cannot take an input of shape {tuple(x.shape)} "
-                         f"with {cout} output channels (needs H, W >= 1, Cin % 16 == 0, Cout % 16 == 0).")
+                         f"with {cout} output channels in {dtype} (needs H, W >= 1, Cin % 16 == 0, "
+                         "Cout % 16 == 0, and AVX512-BF16 for bfloat16).")
     return out
 
 

@@ -16,24 +16,24 @@ if not native.available():
     pytest.skip("native kernels unavailable here (no C compiler)", allow_module_level=True)
 
 
-def _native(x, weight, bias, relu=False):
-    packed = native.transform_kernel(weight)
+def _native(x, weight, bias, relu=False, dtype=torch.float32):
+    packed = native.transform_kernel(weight, dtype)
     return native.winograd_conv3x3(x, packed, bias, relu=relu)
 
 
-@pytest.mark.parametrize(
-    "n,cin,cout,h,w",
-    [
-        (1, 16, 64, 1, 1),  # a single pixel: every tap but the centre is padding
-        (2, 16, 64, 5, 7),  # partial tiles at the bottom and right
-        (3, 32, 128, 8, 8),  # whole tiles
-        (1, 64, 64, 37, 29),  # odd sizes, more tiles than one block
-        (2, 48, 192, 13, 4),
-        (1, 16, 16, 6, 5),  # one narrow panel
-        (2, 32, 112, 7, 9),  # a full panel and a 48-wide one
-        (1, 1024, 64, 6, 6),  # deep input: small blocks
-    ],
-)
+SHAPES = [
+    (1, 16, 64, 1, 1),  # a single pixel: every tap but the centre is padding
+    (2, 16, 64, 5, 7),  # partial tiles at the bottom and right
+    (3, 32, 128, 8, 8),  # whole tiles
+    (1, 64, 64, 37, 29),  # odd sizes, more tiles than one block
+    (2, 48, 192, 13, 4),
+    (1, 16, 16, 6, 5),  # one narrow panel
+    (2, 32, 112, 7, 9),  # a full panel and a 48-wide one
+    (1, 1024, 64, 6, 6),  # deep input: small blocks
+]
+
+
+@pytest.mark.parametrize("n,cin,cout,h,w", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_native_winograd_matches_direct_convolution(n, cin, cout, h, w, bias):
     torch.manual_seed(n * cin + h)
@@ -44,6 +44,39 @@ def test_native_winograd_matches_direct_convolution(n, cin, cout, h, w, bias):
     ref = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
     assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
     assert float((y.double() - ref).abs().max() / ref.abs().max()) < 2e-6 * max(1, cin ** 0.5)
+
+
+@pytest.mark.parametrize("n,cin,cout,h,w", SHAPES)
+def test_native_bfloat16_winograd_is_as_accurate_as_a_bfloat16_convolution(n, cin, cout, h, w):
+    if not native.has_bfloat16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    torch.manual_seed(cin + h)
+    x = torch.randn(n, cin, h, w).bfloat16()
+    weight, bias = torch.randn(cout, cin, 3, 3), torch.randn(cout)
+    y = _native(x, weight, bias, dtype=torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    direct = F.conv2d(x, weight.bfloat16(), bias.bfloat16(), padding=1)
+    err = float((y.double() - ref).abs().max() / ref.abs().max())
+    assert err < max(1e-2, 2 * float((direct.double() - ref).abs().max() / ref.abs().max()))
+
+
+def test_bfloat16_autocast_uses_the_native_kernel(monkeypatch):
+    if not native.has_bfloat16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    torch.manual_seed(0)
+    model = flexunet.UNet(filters=16, down_blocks=2, up_blocks=2).eval()
+    x = torch.rand(2, 1, 40, 40)
+    dtypes = []
+    original = native.winograd_conv3x3
+    monkeypatch.setattr(native, "winograd_conv3x3", lambda x, k, *a, **kw: dtypes.append(k.dtype) or original(x, k, *a, **kw))
+    with torch.inference_mode():
+        ref = model(x)
+        dtypes.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert dtypes == [torch.bfloat16] * 9 and low.dtype == torch.bfloat16
+    assert float((low.float() - ref).abs().max() / ref.abs().max()) < 0.02
 
 
 def test_native_winograd_fuses_relu_and_keeps_nan():
@@ -66,7 +99,7 @@ def test_native_winograd_rejects_unsupported_channel_counts():
     assert native.supports_winograd(torch.float32, 16, 64)
     assert not native.supports_winograd(torch.float32, 8, 64)
     assert not native.supports_winograd(torch.float32, 16, 40)
-    assert not native.supports_winograd(torch.bfloat16, 16, 64)
+    assert not native.supports_winograd(torch.float16, 16, 64)
     packed = torch.zeros(36, 8 * 64)
     with pytest.raises(ValueError, match="Cin % 16"):
         native.winograd_conv3x3(torch.zeros(1, 8, 4, 4), packed, None)

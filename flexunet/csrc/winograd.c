@@ -189,3 +189,173 @@ int flexunet_winograd_f43(const float *x, int n, int h, int w, int cin, const fl
     }
     return failed ? 2 : 0;
 }
+
+/* ------------------------------------------------------------------------------------------
+ * bfloat16: Winograd F(2x2, 3x3) (coefficients 0, +-1: exact in bfloat16) with the tile and
+ * kernel products in bfloat16 pairs (AVX512-BF16 dot products, float32 accumulation). The
+ * transforms run in float32; input, V, U and output are bfloat16.
+ *   x    (N, H, W, Cin)  bfloat16, Cin % 16 == 0
+ *   u    (16, Cin * Cout) bfloat16: per position, panels of up to 64 output channels, each
+ *        stored (Cin / 2, width, 2): pairs of consecutive input channels side by side
+ *   out  (N, H, W, Cout) bfloat16, Cout % 16 == 0
+ */
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+
+int flexunet_has_bf16(void) { return 1; }
+
+#define P2 16
+#define A2 4
+
+static inline v16 load_bf16(const unsigned short *p) {
+    __m256i raw = _mm256_loadu_si256((const __m256i *)p);
+    return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16);
+}
+
+static inline void store_bf16(unsigned short *p, v16 v) {
+    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh((__m512)v));
+}
+
+static void transform_tile_bf16(const unsigned short *x, int h, int w, int cin, int y0, int x0,
+                                unsigned short *v, int r, int rows) {
+    int interior = y0 >= 0 && x0 >= 0 && y0 + A2 <= h && x0 + A2 <= w;
+    for (int c = 0; c < cin; c += 16) {
+        v16 d[A2][A2], t[A2][A2];
+        for (int i = 0; i < A2; i++)
+            for (int j = 0; j < A2; j++) {
+                int y = y0 + i, xx = x0 + j;
+                if (interior || (y >= 0 && y < h && xx >= 0 && xx < w))
+                    d[i][j] = load_bf16(x + ((size_t)y * w + xx) * cin + c);
+                else
+                    d[i][j] = (v16){0};
+            }
+        for (int j = 0; j < A2; j++) { /* columns: rows of B^T */
+            t[0][j] = d[0][j] - d[2][j];
+            t[1][j] = d[1][j] + d[2][j];
+            t[2][j] = d[2][j] - d[1][j];
+            t[3][j] = d[1][j] - d[3][j];
+        }
+        for (int i = 0; i < A2; i++) {
+            v16 res[A2] = {t[i][0] - t[i][2], t[i][1] + t[i][2], t[i][2] - t[i][1], t[i][1] - t[i][3]};
+            for (int j = 0; j < A2; j++) store_bf16(v + ((size_t)(i * A2 + j) * rows + r) * cin + c, res[j]);
+        }
+    }
+}
+
+/* c[MR][16 nv] (float32) = a[MR rows of bfloat16, stride lda][0:k] @ b[k/2][16 nv][2]. */
+static inline __attribute__((always_inline)) void micro_bf16(const unsigned short *a, int lda,
+                                                             const unsigned short *b, int k, float *c,
+                                                             const int nv) {
+    __m512 acc[MR][4];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < nv; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int kk = 0; kk < k; kk += 2) {
+        __m512bh bv[4];
+        for (int j = 0; j < nv; j++) bv[j] = (__m512bh)_mm512_loadu_si512((const void *)(b + 32 * j));
+        b += 32 * nv;
+        for (int i = 0; i < MR; i++) {
+            int pair;
+            memcpy(&pair, a + (size_t)i * lda + kk, sizeof pair);
+            __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+            for (int j = 0; j < nv; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < nv; j++) _mm512_storeu_ps(c + i * NR + 16 * j, acc[i][j]);
+}
+
+static void micro_bf16_n(const unsigned short *a, int lda, const unsigned short *b, int k, float *c, int nv) {
+    switch (nv) {
+    case 1: micro_bf16(a, lda, b, k, c, 1); break;
+    case 2: micro_bf16(a, lda, b, k, c, 2); break;
+    case 3: micro_bf16(a, lda, b, k, c, 3); break;
+    default: micro_bf16(a, lda, b, k, c, 4); break;
+    }
+}
+
+static void output_tile_bf16(const float *m, int rows, int r, int j, const float *bias, int relu,
+                             unsigned short *out, int h, int w, int cout, int y0, int x0, int col0) {
+    v16 mm[A2][A2];
+    for (int i = 0; i < A2; i++)
+        for (int jj = 0; jj < A2; jj++) mm[i][jj] = load(m + ((size_t)(i * A2 + jj) * rows + r) * NR + 16 * j);
+    v16 t[2][A2], o[2][2];
+    for (int jj = 0; jj < A2; jj++) { /* rows of A^T over the tile's rows */
+        t[0][jj] = mm[0][jj] + mm[1][jj] + mm[2][jj];
+        t[1][jj] = mm[1][jj] - mm[2][jj] - mm[3][jj];
+    }
+    for (int i = 0; i < 2; i++) {
+        o[i][0] = t[i][0] + t[i][1] + t[i][2];
+        o[i][1] = t[i][1] - t[i][2] - t[i][3];
+    }
+    v16 b = bias ? load(bias + col0 + 16 * j) : (v16){0};
+    v16 zero = {0};
+    for (int i = 0; i < 2 && y0 + i < h; i++)
+        for (int jj = 0; jj < 2 && x0 + jj < w; jj++) {
+            v16 val = o[i][jj] + b;
+            if (relu) val = (v16)((mask16)val & ~(val < zero));
+            store_bf16(out + ((size_t)(y0 + i) * w + x0 + jj) * cout + col0 + 16 * j, val);
+        }
+}
+
+int flexunet_winograd_f23_bf16(const unsigned short *x, int n, int h, int w, int cin, const unsigned short *u,
+                               const float *bias, unsigned short *out, int cout, int relu, int threads) {
+    if (cin % 16 || cout % 16 || n <= 0 || h <= 0 || w <= 0) return 1;
+    int th = (h + 1) / 2, tw = (w + 1) / 2;
+    long tiles = (long)n * th * tw;
+    int rows = block_rows(cin);
+    long blocks = (tiles + rows - 1) / rows;
+    int panels = (cout + NR - 1) / NR, failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        unsigned short *v = aligned_alloc(64, sizeof(unsigned short) * P2 * rows * cin);
+        float *m = aligned_alloc(64, sizeof(float) * P2 * rows * NR);
+        if (!v || !m) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            memset(v, 0, sizeof(unsigned short) * P2 * rows * cin);
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(dynamic, 1)
+            for (long blk = 0; blk < blocks; blk++) {
+                long t0 = blk * rows;
+                int count = tiles - t0 < rows ? (int)(tiles - t0) : rows;
+                for (int r = 0; r < count; r++) {
+                    long t = t0 + r;
+                    int img = t / (th * tw), rem = t % (th * tw);
+                    transform_tile_bf16(x + (size_t)img * h * w * cin, h, w, cin, (rem / tw) * 2 - 1,
+                                        (rem % tw) * 2 - 1, v, r, rows);
+                }
+                int used = (count + MR - 1) / MR * MR;
+                for (int pn = 0; pn < panels; pn++) {
+                    int width = cout - pn * NR < NR ? cout - pn * NR : NR;
+                    for (int p = 0; p < P2; p++) {
+                        const unsigned short *up = u + (size_t)p * cin * cout + (size_t)pn * cin * NR;
+                        const unsigned short *vp = v + (size_t)p * rows * cin;
+                        float *mp = m + (size_t)p * rows * NR;
+                        for (int r = 0; r < used; r += MR)
+                            micro_bf16_n(vp + (size_t)r * cin, cin, up, cin, mp + (size_t)r * NR, width / 16);
+                    }
+                    for (int r = 0; r < count; r++) {
+                        long t = t0 + r;
+                        int img = t / (th * tw), rem = t % (th * tw);
+                        for (int j = 0; j < width / 16; j++)
+                            output_tile_bf16(m, rows, r, j, bias, relu, out + (size_t)img * h * w * cout, h, w,
+                                             cout, (rem / tw) * 2, (rem % tw) * 2, pn * NR);
+                    }
+                }
+            }
+        }
+        free(v);
+        free(m);
+    }
+    return failed ? 2 : 0;
+}
+#else
+int flexunet_has_bf16(void) { return 0; }
+int flexunet_winograd_f23_bf16(const void *x, int n, int h, int w, int cin, const void *u, const float *bias,
+                               void *out, int cout, int relu, int threads) {
+    return 3;
+}
+#endif
