@@ -170,10 +170,18 @@ class ConvTranspose2dSame(nn.ConvTranspose2d):
             bias=bias,
         )
         self.crop_end = total % 2  # extra pixel TF drops at the bottom/right
+        self._native_cache: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tracked = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if fastconv.use_fast_path(x) and not tracked:  # training: oneDNN's own backward is faster
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+            k, s = self.kernel_size[0], self.stride[0]
+            if native.supports_transposed(dtype, self.in_channels, self.out_channels, k, s) and native.available():
+                key = (dtype, *_state_key(self.weight))
+                if self._native_cache is None or self._native_cache[0] != key:
+                    self._native_cache = (key, native.pack_transposed(self.weight, dtype))
+                return native.transposed_conv_k3s2(x, self._native_cache[1], self.bias)
             cast = autocast_params(self, x)
             if cast is None:
                 return fastconv.transposed_conv(x, self.weight, self.bias, self.stride[0])

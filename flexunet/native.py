@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from flexunet import fastconv
 
@@ -93,6 +94,10 @@ def library() -> Optional[ctypes.CDLL]:
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                ctypes.c_int]
+            for fn in (lib.flexunet_transposed_k3s2, lib.flexunet_transposed_k3s2_bf16):
+                fn.restype = ctypes.c_int
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
             lib.flexunet_has_bf16.restype = ctypes.c_int
             return lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -176,6 +181,47 @@ def winograd_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch
         raise ValueError(f"flexunet's Winograd kernel cannot take an input of shape {tuple(x.shape)} "
                          f"with {cout} output channels in {dtype} (needs H, W >= 1, Cin % 16 == 0, "
                          "Cout % 16 == 0, and AVX512-BF16 for bfloat16).")
+    return out
+
+
+def supports_transposed(dtype: torch.dtype, in_channels: int, out_channels: int, kernel: int, stride: int) -> bool:
+    """Whether `transposed_conv_k3s2` handles this layer (SLEAP's default upsampling)."""
+    return kernel == 3 and stride == 2 and supports_winograd(dtype, in_channels, out_channels)
+
+
+def pack_transposed(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A (Cin, Cout, 3, 3) transposed-convolution weight packed for `transposed_conv_k3s2` in `dtype`."""
+    cin, cout = weight.shape[:2]
+    taps = weight.detach().float().permute(2, 3, 0, 1).reshape(9, cin, cout)
+    return pack_kernel(taps, pairs=dtype == torch.bfloat16).to(dtype)
+
+
+MR = 6  # pixels per register block (MR in the C source)
+
+
+def transposed_conv_k3s2(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """TensorFlow 'same' transposed convolution, kernel 3, stride 2, on the native kernel.
+
+    `packed` comes from `pack_transposed(weight, dtype)`; the computation runs in
+    its dtype (bfloat16 products accumulate in float32). Returns (N, Cout, 2H, 2W),
+    channels-last; callers check `supports_transposed` first.
+    """
+    lib = library()
+    n, cin, h, w = x.shape
+    cout = packed.shape[1] // cin
+    dtype = packed.dtype
+    # One zero row on top, one zero column on the left, MR on the right: every read is in bounds.
+    xp = F.pad(x.to(dtype).permute(0, 2, 3, 1), (0, 0, 1, MR, 1, 0)).contiguous()
+    out = torch.empty((n, cout, 2 * h, 2 * w), dtype=dtype, memory_format=torch.channels_last)
+    b = None if bias is None else bias.detach().float().contiguous()
+    fn = lib.flexunet_transposed_k3s2_bf16 if dtype == torch.bfloat16 else lib.flexunet_transposed_k3s2
+    status = fn(xp.data_ptr(), n, h, w, cin, packed.data_ptr(),
+                                          None if b is None else b.data_ptr(), out.data_ptr(), cout,
+                                          torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"flexunet's transposed-convolution kernel cannot take an input of shape "
+                         f"{tuple(x.shape)} with {cout} output channels (needs H, W >= 1, Cin % 16 == 0, "
+                         "Cout % 16 == 0).")
     return out
 
 

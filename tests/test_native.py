@@ -155,3 +155,36 @@ def test_native_kernels_can_be_switched_off(monkeypatch):
         native.library.cache_clear()
     monkeypatch.delenv("FLEXUNET_NATIVE")
     assert native.available()
+
+
+@pytest.mark.parametrize("n,cin,cout,h,w", [(1, 16, 16, 1, 1), (2, 32, 48, 5, 7), (1, 16, 112, 7, 3),
+                                             (2, 64, 64, 13, 9), (1, 128, 80, 6, 11)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_transposed_convolution_matches_tensorflow_semantics(n, cin, cout, h, w, dtype):
+    """Against the GEMM path, which tests/test_fastconv.py checks against TensorFlow's definition."""
+    if dtype == torch.bfloat16 and not native.has_bfloat16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    torch.manual_seed(cin + w)
+    x = torch.randn(n, cin, h, w).to(dtype)
+    weight, bias = torch.randn(cin, cout, 3, 3), torch.randn(cout)
+    y = native.transposed_conv_k3s2(x, native.pack_transposed(weight, dtype), bias)
+    assert y.shape == (n, cout, 2 * h, 2 * w) and y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    ref = fastconv.transposed_conv(x.double(), weight.double(), bias.double(), 2)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) < tolerance
+
+
+def test_transposed_layer_uses_the_native_kernel_and_refreshes_its_cache():
+    from flexunet.layers import ConvTranspose2dSame
+    layer = ConvTranspose2dSame(32, 16, 3, 2).eval()
+    x = torch.randn(2, 32, 5, 6)
+    with torch.inference_mode():
+        fast = layer(x)
+        assert layer._native_cache is not None
+        ref = fastconv.transposed_conv(x, layer.weight, layer.bias, 2)
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        layer.weight.mul_(-1)
+        again = layer(x)
+    torch.testing.assert_close(again, fastconv.transposed_conv(x, layer.weight, layer.bias, 2), atol=1e-5, rtol=1e-5)

@@ -190,6 +190,88 @@ int flexunet_winograd_f43(const float *x, int n, int h, int w, int cin, const fl
     return failed ? 2 : 0;
 }
 
+
+/* ------------------------------------------------------------------------------------------
+ * Transposed convolution, kernel 3, stride 2, TensorFlow 'same' (float32). Output pixel
+ * (2j + ph, 2i + pw) sums x[j + dy, i + dx] @ W[ty, tx] over the taps of its phase:
+ * phase 0 takes (dy, t) = (0, 0) and (-1, 2), phase 1 takes (0, 1), per axis.
+ *   xp   (N, H + 1, W + 1 + MR, Cin): the input with one zero row on top, one zero column on the
+ *        left and MR on the right (so that every read is in bounds)
+ *   u    (9, Cin * Cout): the taps (ty, tx) packed as for the Winograd kernel
+ *   out  (N, 2H, 2W, Cout)
+ */
+static const int PHASE_TAPS[2][2][2] = {{{0, 0}, {-1, 2}}, {{0, 1}, {0, 0}}}; /* [phase][k] = {dy, t} */
+static const int PHASE_COUNT[2] = {2, 1};
+
+static inline __attribute__((always_inline)) void micro_taps(const float *const *a, const float *const *b,
+                                                             int ntaps, int k, float *c, const int nv) {
+    v16 acc[MR][4];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < nv; j++) acc[i][j] = (v16){0};
+    for (int t = 0; t < ntaps; t++) {
+        const float *at = a[t], *bt = b[t];
+        for (int kk = 0; kk < k; kk++) {
+            v16 bv[4];
+            for (int j = 0; j < nv; j++) bv[j] = load(bt + 16 * j);
+            bt += 16 * nv;
+            for (int i = 0; i < MR; i++) {
+                float s = at[i * k + kk];
+                for (int j = 0; j < nv; j++) acc[i][j] += s * bv[j];
+            }
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < nv; j++) store(c + i * NR + 16 * j, acc[i][j]);
+}
+
+static void micro_taps_n(const float *const *a, const float *const *b, int ntaps, int k, float *c, int nv) {
+    switch (nv) {
+    case 1: micro_taps(a, b, ntaps, k, c, 1); break;
+    case 2: micro_taps(a, b, ntaps, k, c, 2); break;
+    case 3: micro_taps(a, b, ntaps, k, c, 3); break;
+    default: micro_taps(a, b, ntaps, k, c, 4); break;
+    }
+}
+
+int flexunet_transposed_k3s2(const float *xp, int n, int h, int w, int cin, const float *u, const float *bias,
+                             float *out, int cout, int threads) {
+    if (cin % 16 || cout % 16 || n <= 0 || h <= 0 || w <= 0) return 1;
+    int wp = w + 1 + MR, blocks = (w + MR - 1) / MR, panels = (cout + NR - 1) / NR;
+    long items = (long)n * h * blocks;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long item = 0; item < items; item++) {
+        float c[MR * NR] __attribute__((aligned(64)));
+        int img = item / ((long)h * blocks), rem = item % ((long)h * blocks);
+        int j = rem / blocks, i0 = (rem % blocks) * MR;
+        int valid = w - i0 < MR ? w - i0 : MR;
+        for (int ph = 0; ph < 2; ph++)
+            for (int pw = 0; pw < 2; pw++)
+                for (int pn = 0; pn < panels; pn++) {
+                    int width = cout - pn * NR < NR ? cout - pn * NR : NR;
+                    const float *a[4], *b[4];
+                    int ntaps = 0;
+                    for (int ky = 0; ky < PHASE_COUNT[ph]; ky++)
+                        for (int kx = 0; kx < PHASE_COUNT[pw]; kx++) {
+                            int dy = PHASE_TAPS[ph][ky][0], ty = PHASE_TAPS[ph][ky][1];
+                            int dx = PHASE_TAPS[pw][kx][0], tx = PHASE_TAPS[pw][kx][1];
+                            a[ntaps] = xp + (((size_t)img * (h + 1) + j + 1 + dy) * wp + i0 + 1 + dx) * cin;
+                            b[ntaps] = u + (size_t)(ty * 3 + tx) * cin * cout + (size_t)pn * cin * NR;
+                            ntaps++;
+                        }
+                    micro_taps_n(a, b, ntaps, cin, c, width / 16);
+                    for (int r = 0; r < valid; r++) {
+                        float *o = out + (((size_t)img * 2 * h + 2 * j + ph) * 2 * w + 2 * (i0 + r) + pw) * cout + pn * NR;
+                        for (int q = 0; q < width; q += 16) {
+                            v16 val = load(c + r * NR + q);
+                            if (bias) val += load(bias + pn * NR + q);
+                            store(o + q, val);
+                        }
+                    }
+                }
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------
  * bfloat16: Winograd F(2x2, 3x3) (coefficients 0, +-1: exact in bfloat16) with the tile and
  * kernel products in bfloat16 pairs (AVX512-BF16 dot products, float32 accumulation). The
@@ -352,10 +434,89 @@ int flexunet_winograd_f23_bf16(const unsigned short *x, int n, int h, int w, int
     }
     return failed ? 2 : 0;
 }
+
+/* Transposed convolution, kernel 3, stride 2, in bfloat16 (layouts as in float32; u in pairs). */
+static inline __attribute__((always_inline)) void micro_taps_bf16(const unsigned short *const *a,
+                                                                  const unsigned short *const *b, int ntaps,
+                                                                  int k, float *c, const int nv) {
+    __m512 acc[MR][4];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < nv; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int t = 0; t < ntaps; t++) {
+        const unsigned short *at = a[t], *bt = b[t];
+        for (int kk = 0; kk < k; kk += 2) {
+            __m512bh bv[4];
+            for (int j = 0; j < nv; j++) bv[j] = (__m512bh)_mm512_loadu_si512((const void *)(bt + 32 * j));
+            bt += 32 * nv;
+            for (int i = 0; i < MR; i++) {
+                int pair;
+                memcpy(&pair, at + (size_t)i * k + kk, sizeof pair);
+                __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+                for (int j = 0; j < nv; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
+            }
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < nv; j++) _mm512_storeu_ps(c + i * NR + 16 * j, acc[i][j]);
+}
+
+static void micro_taps_bf16_n(const unsigned short *const *a, const unsigned short *const *b, int ntaps, int k,
+                              float *c, int nv) {
+    switch (nv) {
+    case 1: micro_taps_bf16(a, b, ntaps, k, c, 1); break;
+    case 2: micro_taps_bf16(a, b, ntaps, k, c, 2); break;
+    case 3: micro_taps_bf16(a, b, ntaps, k, c, 3); break;
+    default: micro_taps_bf16(a, b, ntaps, k, c, 4); break;
+    }
+}
+
+int flexunet_transposed_k3s2_bf16(const unsigned short *xp, int n, int h, int w, int cin, const unsigned short *u,
+                                  const float *bias, unsigned short *out, int cout, int threads) {
+    if (cin % 16 || cout % 16 || n <= 0 || h <= 0 || w <= 0) return 1;
+    int wp = w + 1 + MR, blocks = (w + MR - 1) / MR, panels = (cout + NR - 1) / NR;
+    long items = (long)n * h * blocks;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long item = 0; item < items; item++) {
+        float c[MR * NR] __attribute__((aligned(64)));
+        int img = item / ((long)h * blocks), rem = item % ((long)h * blocks);
+        int j = rem / blocks, i0 = (rem % blocks) * MR;
+        int valid = w - i0 < MR ? w - i0 : MR;
+        for (int ph = 0; ph < 2; ph++)
+            for (int pw = 0; pw < 2; pw++)
+                for (int pn = 0; pn < panels; pn++) {
+                    int width = cout - pn * NR < NR ? cout - pn * NR : NR;
+                    const unsigned short *a[4], *b[4];
+                    int ntaps = 0;
+                    for (int ky = 0; ky < PHASE_COUNT[ph]; ky++)
+                        for (int kx = 0; kx < PHASE_COUNT[pw]; kx++) {
+                            int dy = PHASE_TAPS[ph][ky][0], ty = PHASE_TAPS[ph][ky][1];
+                            int dx = PHASE_TAPS[pw][kx][0], tx = PHASE_TAPS[pw][kx][1];
+                            a[ntaps] = xp + (((size_t)img * (h + 1) + j + 1 + dy) * wp + i0 + 1 + dx) * cin;
+                            b[ntaps] = u + (size_t)(ty * 3 + tx) * cin * cout + (size_t)pn * cin * NR;
+                            ntaps++;
+                        }
+                    micro_taps_bf16_n(a, b, ntaps, cin, c, width / 16);
+                    for (int r = 0; r < valid; r++) {
+                        unsigned short *o =
+                            out + (((size_t)img * 2 * h + 2 * j + ph) * 2 * w + 2 * (i0 + r) + pw) * cout + pn * NR;
+                        for (int q = 0; q < width; q += 16) {
+                            v16 val = load(c + r * NR + q);
+                            if (bias) val += load(bias + pn * NR + q);
+                            store_bf16(o + q, val);
+                        }
+                    }
+                }
+    }
+    return 0;
+}
 #else
 int flexunet_has_bf16(void) { return 0; }
 int flexunet_winograd_f23_bf16(const void *x, int n, int h, int w, int cin, const void *u, const float *bias,
                                void *out, int cout, int relu, int threads) {
+    return 3;
+}
+int flexunet_transposed_k3s2_bf16(const void *xp, int n, int h, int w, int cin, const void *u, const float *bias,
+                                  void *out, int cout, int threads) {
     return 3;
 }
 #endif
