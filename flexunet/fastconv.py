@@ -13,7 +13,8 @@ runs near the machine's peak:
   tile transform is one GEMM with a Kronecker product of 1-D transforms.
 
 The layers in `flexunet.layers` call these in eager mode on CPU when they pay
-off (see `use_fast_path`); tracing and export see the plain PyTorch ops.
+off (see `use_fast_path`) and the native kernels of `flexunet.native` are not
+available; tracing and export see the plain PyTorch ops.
 """
 
 from __future__ import annotations
