@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from flexunet import fastconv
 
 SOURCE = Path(__file__).parent / "csrc" / "winograd.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi"]
 PANEL = 64  # output channels per kernel panel (NR in the C source)
 
 

@@ -224,17 +224,27 @@ static inline __attribute__((always_inline)) void micro_taps(const float *const 
         for (int j = 0; j < nv; j++) store(c + i * NR + 16 * j, acc[i][j]);
 }
 
-static void micro_taps_n(const float *const *a, const float *const *b, int ntaps, int k, float *c, int nv) {
+static void micro_taps_n(const void *const *a, const void *const *b, int ntaps, int k, float *c, int nv) {
+    const float *const *fa = (const float *const *)a, *const *fb = (const float *const *)b;
     switch (nv) {
-    case 1: micro_taps(a, b, ntaps, k, c, 1); break;
-    case 2: micro_taps(a, b, ntaps, k, c, 2); break;
-    case 3: micro_taps(a, b, ntaps, k, c, 3); break;
-    default: micro_taps(a, b, ntaps, k, c, 4); break;
+    case 1: micro_taps(fa, fb, ntaps, k, c, 1); break;
+    case 2: micro_taps(fa, fb, ntaps, k, c, 2); break;
+    case 3: micro_taps(fa, fb, ntaps, k, c, 3); break;
+    default: micro_taps(fa, fb, ntaps, k, c, 4); break;
     }
 }
 
-int flexunet_transposed_k3s2(const float *xp, int n, int h, int w, int cin, const float *u, const float *bias,
-                             float *out, int cout, int threads) {
+/* out[0:width] = c[0:width] + bias[0:width] (bias may be NULL), in the output's element type. */
+static void store_row(void *out, const float *c, const float *bias, int width) {
+    for (int q = 0; q < width; q += 16) store((float *)out + q, bias ? load(c + q) + load(bias + q) : load(c + q));
+}
+
+typedef void (*taps_fn)(const void *const *a, const void *const *b, int ntaps, int k, float *c, int nv);
+typedef void (*row_fn)(void *out, const float *c, const float *bias, int width);
+
+/* The transposed convolution for elements of `size` bytes: `micro` multiplies, `row` stores. */
+static int transposed_k3s2(const char *xp, int n, int h, int w, int cin, const char *u, const float *bias,
+                           char *out, int cout, int threads, size_t size, taps_fn micro, row_fn row) {
     if (cin % 16 || cout % 16 || n <= 0 || h <= 0 || w <= 0) return 1;
     int wp = w + 1 + MR, blocks = (w + MR - 1) / MR, panels = (cout + NR - 1) / NR;
     long items = (long)n * h * blocks;
@@ -248,28 +258,30 @@ int flexunet_transposed_k3s2(const float *xp, int n, int h, int w, int cin, cons
             for (int pw = 0; pw < 2; pw++)
                 for (int pn = 0; pn < panels; pn++) {
                     int width = cout - pn * NR < NR ? cout - pn * NR : NR;
-                    const float *a[4], *b[4];
+                    const void *a[4], *b[4];
                     int ntaps = 0;
                     for (int ky = 0; ky < PHASE_COUNT[ph]; ky++)
                         for (int kx = 0; kx < PHASE_COUNT[pw]; kx++) {
                             int dy = PHASE_TAPS[ph][ky][0], ty = PHASE_TAPS[ph][ky][1];
                             int dx = PHASE_TAPS[pw][kx][0], tx = PHASE_TAPS[pw][kx][1];
-                            a[ntaps] = xp + (((size_t)img * (h + 1) + j + 1 + dy) * wp + i0 + 1 + dx) * cin;
-                            b[ntaps] = u + (size_t)(ty * 3 + tx) * cin * cout + (size_t)pn * cin * NR;
+                            a[ntaps] = xp + size * (((size_t)img * (h + 1) + j + 1 + dy) * wp + i0 + 1 + dx) * cin;
+                            b[ntaps] = u + size * ((size_t)(ty * 3 + tx) * cin * cout + (size_t)pn * cin * NR);
                             ntaps++;
                         }
-                    micro_taps_n(a, b, ntaps, cin, c, width / 16);
+                    micro(a, b, ntaps, cin, c, width / 16);
                     for (int r = 0; r < valid; r++) {
-                        float *o = out + (((size_t)img * 2 * h + 2 * j + ph) * 2 * w + 2 * (i0 + r) + pw) * cout + pn * NR;
-                        for (int q = 0; q < width; q += 16) {
-                            v16 val = load(c + r * NR + q);
-                            if (bias) val += load(bias + pn * NR + q);
-                            store(o + q, val);
-                        }
+                        size_t o = (((size_t)img * 2 * h + 2 * j + ph) * 2 * w + 2 * (i0 + r) + pw) * cout + pn * NR;
+                        row(out + size * o, c + r * NR, bias ? bias + pn * NR : NULL, width);
                     }
                 }
     }
     return 0;
+}
+
+int flexunet_transposed_k3s2(const float *xp, int n, int h, int w, int cin, const float *u, const float *bias,
+                             float *out, int cout, int threads) {
+    return transposed_k3s2((const char *)xp, n, h, w, cin, (const char *)u, bias, (char *)out, cout, threads,
+                           sizeof(float), micro_taps_n, store_row);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -460,57 +472,29 @@ static inline __attribute__((always_inline)) void micro_taps_bf16(const unsigned
         for (int j = 0; j < nv; j++) _mm512_storeu_ps(c + i * NR + 16 * j, acc[i][j]);
 }
 
-static void micro_taps_bf16_n(const unsigned short *const *a, const unsigned short *const *b, int ntaps, int k,
-                              float *c, int nv) {
+static void micro_taps_bf16_n(const void *const *a, const void *const *b, int ntaps, int k, float *c, int nv) {
+    const unsigned short *const *ha = (const unsigned short *const *)a, *const *hb = (const unsigned short *const *)b;
     switch (nv) {
-    case 1: micro_taps_bf16(a, b, ntaps, k, c, 1); break;
-    case 2: micro_taps_bf16(a, b, ntaps, k, c, 2); break;
-    case 3: micro_taps_bf16(a, b, ntaps, k, c, 3); break;
-    default: micro_taps_bf16(a, b, ntaps, k, c, 4); break;
+    case 1: micro_taps_bf16(ha, hb, ntaps, k, c, 1); break;
+    case 2: micro_taps_bf16(ha, hb, ntaps, k, c, 2); break;
+    case 3: micro_taps_bf16(ha, hb, ntaps, k, c, 3); break;
+    default: micro_taps_bf16(ha, hb, ntaps, k, c, 4); break;
     }
+}
+
+static void store_row_bf16(void *out, const float *c, const float *bias, int width) {
+    for (int q = 0; q < width; q += 16)
+        store_bf16((unsigned short *)out + q, bias ? load(c + q) + load(bias + q) : load(c + q));
 }
 
 int flexunet_transposed_k3s2_bf16(const unsigned short *xp, int n, int h, int w, int cin, const unsigned short *u,
                                   const float *bias, unsigned short *out, int cout, int threads) {
-    if (cin % 16 || cout % 16 || n <= 0 || h <= 0 || w <= 0) return 1;
-    int wp = w + 1 + MR, blocks = (w + MR - 1) / MR, panels = (cout + NR - 1) / NR;
-    long items = (long)n * h * blocks;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (long item = 0; item < items; item++) {
-        float c[MR * NR] __attribute__((aligned(64)));
-        int img = item / ((long)h * blocks), rem = item % ((long)h * blocks);
-        int j = rem / blocks, i0 = (rem % blocks) * MR;
-        int valid = w - i0 < MR ? w - i0 : MR;
-        for (int ph = 0; ph < 2; ph++)
-            for (int pw = 0; pw < 2; pw++)
-                for (int pn = 0; pn < panels; pn++) {
-                    int width = cout - pn * NR < NR ? cout - pn * NR : NR;
-                    const unsigned short *a[4], *b[4];
-                    int ntaps = 0;
-                    for (int ky = 0; ky < PHASE_COUNT[ph]; ky++)
-                        for (int kx = 0; kx < PHASE_COUNT[pw]; kx++) {
-                            int dy = PHASE_TAPS[ph][ky][0], ty = PHASE_TAPS[ph][ky][1];
-                            int dx = PHASE_TAPS[pw][kx][0], tx = PHASE_TAPS[pw][kx][1];
-                            a[ntaps] = xp + (((size_t)img * (h + 1) + j + 1 + dy) * wp + i0 + 1 + dx) * cin;
-                            b[ntaps] = u + (size_t)(ty * 3 + tx) * cin * cout + (size_t)pn * cin * NR;
-                            ntaps++;
-                        }
-                    micro_taps_bf16_n(a, b, ntaps, cin, c, width / 16);
-                    for (int r = 0; r < valid; r++) {
-                        unsigned short *o =
-                            out + (((size_t)img * 2 * h + 2 * j + ph) * 2 * w + 2 * (i0 + r) + pw) * cout + pn * NR;
-                        for (int q = 0; q < width; q += 16) {
-                            v16 val = load(c + r * NR + q);
-                            if (bias) val += load(bias + pn * NR + q);
-                            store_bf16(o + q, val);
-                        }
-                    }
-                }
-    }
-    return 0;
+    return transposed_k3s2((const char *)xp, n, h, w, cin, (const char *)u, bias, (char *)out, cout, threads,
+                           sizeof(unsigned short), micro_taps_bf16_n, store_row_bf16);
 }
 #else
 int flexunet_has_bf16(void) { return 0; }
+/* Without AVX512-BF16 the bfloat16 entry points refuse (status 3); flexunet_has_bf16 tells callers. */
 int flexunet_winograd_f23_bf16(const void *x, int n, int h, int w, int cin, const void *u, const float *bias,
                                void *out, int cout, int relu, int threads) {
     return 3;
