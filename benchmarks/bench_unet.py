@@ -92,14 +92,17 @@ def saved_activation_bytes(model, x, target) -> int:
 
 
 _PEAK_RSS = r"""
-import resource, torch, flexunet, torch.nn.functional as F
+import torch, flexunet, torch.nn.functional as F
 torch.set_num_threads(2)
 model = flexunet.UNet().train().set_checkpointing({mode!r})
 x, t = torch.rand(4, 1, 192, 192), torch.rand(4, 64, 192, 192)
-rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
-before = rss()  # resident now; ru_maxrss below is the peak since start
+def status(key):  # kB figures of /proc/self/status; VmHWM is this process's peak (getrusage's
+    for line in open("/proc/self/status"):  # ru_maxrss would include the parent's, carried over exec)
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+before = status("VmRSS")
 F.mse_loss(model(x), t).backward()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+print(status("VmHWM") - before)
 """
 
 
