@@ -117,7 +117,10 @@ class EncoderDecoder(nn.Module):
 
         Args:
             mode: "block" keeps only each block's input, "stack" only each stack's
-                input; None (the default) keeps every activation.
+                input; None (the default) keeps every activation. "stack" keeps the
+                fewest activations between forward and backward, but recomputes a
+                whole stack at once in the backward pass, so it lowers the peak
+                memory only when there are several stacks; "block" lowers it always.
 
         Returns:
             The model, for chaining.
