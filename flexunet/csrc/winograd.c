@@ -76,31 +76,35 @@ static void transform_tile(const float *x, int h, int w, int cin, int y0, int x0
     }
 }
 
-/* c[MR][16 nv] = a[MR rows, stride lda][0:k] @ b[0:k][16 nv], for nv = 1..4 vectors. */
-static inline __attribute__((always_inline)) void micro(const float *a, int lda, const float *b, int k, float *c,
-                                                        const int nv) {
+/* c[MR][16 nv] = sum over taps t of a[t][MR rows, stride k][0:k] @ b[t][0:k][16 nv], nv = 1..4 vectors. */
+static inline __attribute__((always_inline)) void micro_taps(const float *const *a, const float *const *b,
+                                                             int ntaps, int k, float *c, const int nv) {
     v16 acc[MR][4];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < nv; j++) acc[i][j] = (v16){0};
-    for (int kk = 0; kk < k; kk++) {
-        v16 bv[4];
-        for (int j = 0; j < nv; j++) bv[j] = load(b + 16 * j);
-        b += 16 * nv;
-        for (int i = 0; i < MR; i++) {
-            float s = a[i * lda + kk];
-            for (int j = 0; j < nv; j++) acc[i][j] += s * bv[j];
+    for (int t = 0; t < ntaps; t++) {
+        const float *at = a[t], *bt = b[t];
+        for (int kk = 0; kk < k; kk++) {
+            v16 bv[4];
+            for (int j = 0; j < nv; j++) bv[j] = load(bt + 16 * j);
+            bt += 16 * nv;
+            for (int i = 0; i < MR; i++) {
+                float s = at[i * k + kk];
+                for (int j = 0; j < nv; j++) acc[i][j] += s * bv[j];
+            }
         }
     }
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < nv; j++) store(c + i * NR + 16 * j, acc[i][j]);
 }
 
-static void micro_n(const float *a, int lda, const float *b, int k, float *c, int nv) {
+static void micro_taps_n(const void *const *a, const void *const *b, int ntaps, int k, float *c, int nv) {
+    const float *const *fa = (const float *const *)a, *const *fb = (const float *const *)b;
     switch (nv) {
-    case 1: micro(a, lda, b, k, c, 1); break;
-    case 2: micro(a, lda, b, k, c, 2); break;
-    case 3: micro(a, lda, b, k, c, 3); break;
-    default: micro(a, lda, b, k, c, 4); break;
+    case 1: micro_taps(fa, fb, ntaps, k, c, 1); break;
+    case 2: micro_taps(fa, fb, ntaps, k, c, 2); break;
+    case 3: micro_taps(fa, fb, ntaps, k, c, 3); break;
+    default: micro_taps(fa, fb, ntaps, k, c, 4); break;
     }
 }
 
@@ -172,7 +176,8 @@ int flexunet_winograd_f43(const float *x, int n, int h, int w, int cin, const fl
                         const float *vp = v + (size_t)p * rows * cin;
                         float *mp = m + (size_t)p * rows * NR;
                         for (int r = 0; r < used; r += MR)
-                            micro_n(vp + (size_t)r * cin, cin, up, cin, mp + (size_t)r * NR, width / 16);
+                            micro_taps_n((const void *[]){vp + (size_t)r * cin}, (const void *[]){up}, 1, cin,
+                                         mp + (size_t)r * NR, width / 16);
                     }
                     for (int r = 0; r < count; r++) {
                         long t = t0 + r;
@@ -190,7 +195,6 @@ int flexunet_winograd_f43(const float *x, int n, int h, int w, int cin, const fl
     return failed ? 2 : 0;
 }
 
-
 /* ------------------------------------------------------------------------------------------
  * Transposed convolution, kernel 3, stride 2, TensorFlow 'same' (float32). Output pixel
  * (2j + ph, 2i + pw) sums x[j + dy, i + dx] @ W[ty, tx] over the taps of its phase:
@@ -202,37 +206,6 @@ int flexunet_winograd_f43(const float *x, int n, int h, int w, int cin, const fl
  */
 static const int PHASE_TAPS[2][2][2] = {{{0, 0}, {-1, 2}}, {{0, 1}, {0, 0}}}; /* [phase][k] = {dy, t} */
 static const int PHASE_COUNT[2] = {2, 1};
-
-static inline __attribute__((always_inline)) void micro_taps(const float *const *a, const float *const *b,
-                                                             int ntaps, int k, float *c, const int nv) {
-    v16 acc[MR][4];
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < nv; j++) acc[i][j] = (v16){0};
-    for (int t = 0; t < ntaps; t++) {
-        const float *at = a[t], *bt = b[t];
-        for (int kk = 0; kk < k; kk++) {
-            v16 bv[4];
-            for (int j = 0; j < nv; j++) bv[j] = load(bt + 16 * j);
-            bt += 16 * nv;
-            for (int i = 0; i < MR; i++) {
-                float s = at[i * k + kk];
-                for (int j = 0; j < nv; j++) acc[i][j] += s * bv[j];
-            }
-        }
-    }
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < nv; j++) store(c + i * NR + 16 * j, acc[i][j]);
-}
-
-static void micro_taps_n(const void *const *a, const void *const *b, int ntaps, int k, float *c, int nv) {
-    const float *const *fa = (const float *const *)a, *const *fb = (const float *const *)b;
-    switch (nv) {
-    case 1: micro_taps(fa, fb, ntaps, k, c, 1); break;
-    case 2: micro_taps(fa, fb, ntaps, k, c, 2); break;
-    case 3: micro_taps(fa, fb, ntaps, k, c, 3); break;
-    default: micro_taps(fa, fb, ntaps, k, c, 4); break;
-    }
-}
 
 /* out[0:width] = c[0:width] + bias[0:width] (bias may be NULL), in the output's element type. */
 static void store_row(void *out, const float *c, const float *bias, int width) {
@@ -336,34 +309,38 @@ static void transform_tile_bf16(const unsigned short *x, int h, int w, int cin, 
     }
 }
 
-/* c[MR][16 nv] (float32) = a[MR rows of bfloat16, stride lda][0:k] @ b[k/2][16 nv][2]. */
-static inline __attribute__((always_inline)) void micro_bf16(const unsigned short *a, int lda,
-                                                             const unsigned short *b, int k, float *c,
-                                                             const int nv) {
+/* micro_taps in bfloat16: b[t] holds (k / 2, 16 nv, 2) pairs; float32 accumulation. */
+static inline __attribute__((always_inline)) void micro_taps_bf16(const unsigned short *const *a,
+                                                                  const unsigned short *const *b, int ntaps,
+                                                                  int k, float *c, const int nv) {
     __m512 acc[MR][4];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < nv; j++) acc[i][j] = _mm512_setzero_ps();
-    for (int kk = 0; kk < k; kk += 2) {
-        __m512bh bv[4];
-        for (int j = 0; j < nv; j++) bv[j] = (__m512bh)_mm512_loadu_si512((const void *)(b + 32 * j));
-        b += 32 * nv;
-        for (int i = 0; i < MR; i++) {
-            int pair;
-            memcpy(&pair, a + (size_t)i * lda + kk, sizeof pair);
-            __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-            for (int j = 0; j < nv; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
+    for (int t = 0; t < ntaps; t++) {
+        const unsigned short *at = a[t], *bt = b[t];
+        for (int kk = 0; kk < k; kk += 2) {
+            __m512bh bv[4];
+            for (int j = 0; j < nv; j++) bv[j] = (__m512bh)_mm512_loadu_si512((const void *)(bt + 32 * j));
+            bt += 32 * nv;
+            for (int i = 0; i < MR; i++) {
+                int pair;
+                memcpy(&pair, at + (size_t)i * k + kk, sizeof pair);
+                __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+                for (int j = 0; j < nv; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
+            }
         }
     }
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < nv; j++) _mm512_storeu_ps(c + i * NR + 16 * j, acc[i][j]);
 }
 
-static void micro_bf16_n(const unsigned short *a, int lda, const unsigned short *b, int k, float *c, int nv) {
+static void micro_taps_bf16_n(const void *const *a, const void *const *b, int ntaps, int k, float *c, int nv) {
+    const unsigned short *const *ha = (const unsigned short *const *)a, *const *hb = (const unsigned short *const *)b;
     switch (nv) {
-    case 1: micro_bf16(a, lda, b, k, c, 1); break;
-    case 2: micro_bf16(a, lda, b, k, c, 2); break;
-    case 3: micro_bf16(a, lda, b, k, c, 3); break;
-    default: micro_bf16(a, lda, b, k, c, 4); break;
+    case 1: micro_taps_bf16(ha, hb, ntaps, k, c, 1); break;
+    case 2: micro_taps_bf16(ha, hb, ntaps, k, c, 2); break;
+    case 3: micro_taps_bf16(ha, hb, ntaps, k, c, 3); break;
+    default: micro_taps_bf16(ha, hb, ntaps, k, c, 4); break;
     }
 }
 
@@ -429,7 +406,8 @@ int flexunet_winograd_f23_bf16(const unsigned short *x, int n, int h, int w, int
                         const unsigned short *vp = v + (size_t)p * rows * cin;
                         float *mp = m + (size_t)p * rows * NR;
                         for (int r = 0; r < used; r += MR)
-                            micro_bf16_n(vp + (size_t)r * cin, cin, up, cin, mp + (size_t)r * NR, width / 16);
+                            micro_taps_bf16_n((const void *[]){vp + (size_t)r * cin}, (const void *[]){up}, 1, cin,
+                                              mp + (size_t)r * NR, width / 16);
                     }
                     for (int r = 0; r < count; r++) {
                         long t = t0 + r;
@@ -447,41 +425,7 @@ int flexunet_winograd_f23_bf16(const unsigned short *x, int n, int h, int w, int
     return failed ? 2 : 0;
 }
 
-/* Transposed convolution, kernel 3, stride 2, in bfloat16 (layouts as in float32; u in pairs). */
-static inline __attribute__((always_inline)) void micro_taps_bf16(const unsigned short *const *a,
-                                                                  const unsigned short *const *b, int ntaps,
-                                                                  int k, float *c, const int nv) {
-    __m512 acc[MR][4];
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < nv; j++) acc[i][j] = _mm512_setzero_ps();
-    for (int t = 0; t < ntaps; t++) {
-        const unsigned short *at = a[t], *bt = b[t];
-        for (int kk = 0; kk < k; kk += 2) {
-            __m512bh bv[4];
-            for (int j = 0; j < nv; j++) bv[j] = (__m512bh)_mm512_loadu_si512((const void *)(bt + 32 * j));
-            bt += 32 * nv;
-            for (int i = 0; i < MR; i++) {
-                int pair;
-                memcpy(&pair, at + (size_t)i * k + kk, sizeof pair);
-                __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-                for (int j = 0; j < nv; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
-            }
-        }
-    }
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < nv; j++) _mm512_storeu_ps(c + i * NR + 16 * j, acc[i][j]);
-}
-
-static void micro_taps_bf16_n(const void *const *a, const void *const *b, int ntaps, int k, float *c, int nv) {
-    const unsigned short *const *ha = (const unsigned short *const *)a, *const *hb = (const unsigned short *const *)b;
-    switch (nv) {
-    case 1: micro_taps_bf16(ha, hb, ntaps, k, c, 1); break;
-    case 2: micro_taps_bf16(ha, hb, ntaps, k, c, 2); break;
-    case 3: micro_taps_bf16(ha, hb, ntaps, k, c, 3); break;
-    default: micro_taps_bf16(ha, hb, ntaps, k, c, 4); break;
-    }
-}
-
+/* The transposed convolution in bfloat16 (layouts as in float32; u in pairs). */
 static void store_row_bf16(void *out, const float *c, const float *bias, int width) {
     for (int q = 0; q < width; q += 16)
         store_bf16((unsigned short *)out + q, bias ? load(c + q) + load(bias + q) : load(c + q));
