@@ -50,7 +50,9 @@ static inline void output_1d(const v16 m[6], v16 o[4]) {
 }
 
 /* V[p][r][c..c+16] for one tile whose top-left input pixel is (y0, x0) (may be -1). */
-static void transform_tile(const float *x, int h, int w, int cin, int y0, int x0, float *v, int r, int rows) {
+static void transform_tile(const void *xv, int h, int w, int cin, int y0, int x0, void *vv, int r, int rows) {
+    const float *x = xv;
+    float *v = vv;
     int interior = y0 >= 0 && x0 >= 0 && y0 + A <= h && x0 + A <= w;
     for (int c = 0; c < cin; c += 16) {
         v16 d[A][A], t[A][A];
@@ -108,9 +110,24 @@ static void micro_taps_n(const void *const *a, const void *const *b, int ntaps, 
     }
 }
 
+typedef void (*taps_fn)(const void *const *a, const void *const *b, int ntaps, int k, float *c, int nv);
+typedef void (*tile_in_fn)(const void *x, int h, int w, int cin, int y0, int x0, void *v, int r, int rows);
+typedef void (*tile_out_fn)(const float *m, int rows, int r, int j, const float *bias, int relu, void *out, int h,
+                            int w, int cout, int y0, int x0, int col0);
+
+/* One Winograd algorithm: positions per tile, output tile size, element size and its three steps. */
+struct winograd_kind {
+    int positions, tile;
+    size_t size;
+    tile_in_fn in;
+    taps_fn micro;
+    tile_out_fn out;
+};
+
 /* Output tile from M[p][r][0:NR] for one 16-channel slice `j`: bias, ReLU, store. */
 static void output_tile(const float *m, int rows, int r, int j, const float *bias, int relu,
-                        float *out, int h, int w, int cout, int y0, int x0, int col0) {
+                        void *outv, int h, int w, int cout, int y0, int x0, int col0) {
+    float *out = outv;
     v16 t[4][A], o[4][4];
     for (int jj = 0; jj < A; jj++) { /* columns of the 6x6 product */
         v16 col[A], res[4];
@@ -138,23 +155,25 @@ static int block_rows(int cin) {
     return rows;
 }
 
-int flexunet_winograd_f43(const float *x, int n, int h, int w, int cin, const float *u,
-                          const float *bias, float *out, int cout, int relu, int threads) {
+static int winograd(const char *x, int n, int h, int w, int cin, const char *u, const float *bias, char *out,
+                    int cout, int relu, int threads, const struct winograd_kind *kind) {
     if (cin % 16 || cout % 16 || n <= 0 || h <= 0 || w <= 0) return 1;
-    int th = (h + TILE - 1) / TILE, tw = (w + TILE - 1) / TILE;
+    const int np = kind->positions, tile = kind->tile;
+    const size_t size = kind->size;
+    int th = (h + tile - 1) / tile, tw = (w + tile - 1) / tile;
     long tiles = (long)n * th * tw;
     int rows = block_rows(cin);
     long blocks = (tiles + rows - 1) / rows;
     int panels = (cout + NR - 1) / NR, failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *v = aligned_alloc(64, sizeof(float) * P * rows * cin);
-        float *m = aligned_alloc(64, sizeof(float) * P * rows * NR);
+        char *v = aligned_alloc(64, size * np * rows * cin);
+        float *m = aligned_alloc(64, sizeof(float) * np * rows * NR);
         if (!v || !m) {
 #pragma omp atomic write
             failed = 1;
         } else {
-            memset(v, 0, sizeof(float) * P * rows * cin);
+            memset(v, 0, size * np * rows * cin);
         }
 #pragma omp barrier
         if (!failed) {
@@ -165,26 +184,26 @@ int flexunet_winograd_f43(const float *x, int n, int h, int w, int cin, const fl
                 for (int r = 0; r < count; r++) {
                     long t = t0 + r;
                     int img = t / (th * tw), rem = t % (th * tw);
-                    transform_tile(x + (size_t)img * h * w * cin, h, w, cin, (rem / tw) * TILE - 1,
-                                   (rem % tw) * TILE - 1, v, r, rows);
+                    kind->in(x + size * img * h * w * cin, h, w, cin, (rem / tw) * tile - 1, (rem % tw) * tile - 1,
+                             v, r, rows);
                 }
                 int used = (count + MR - 1) / MR * MR;
                 for (int pn = 0; pn < panels; pn++) {
                     int width = cout - pn * NR < NR ? cout - pn * NR : NR;
-                    for (int p = 0; p < P; p++) {
-                        const float *up = u + (size_t)p * cin * cout + (size_t)pn * cin * NR;
-                        const float *vp = v + (size_t)p * rows * cin;
+                    for (int p = 0; p < np; p++) {
+                        const char *up = u + size * ((size_t)p * cin * cout + (size_t)pn * cin * NR);
+                        const char *vp = v + size * p * rows * cin;
                         float *mp = m + (size_t)p * rows * NR;
                         for (int r = 0; r < used; r += MR)
-                            micro_taps_n((const void *[]){vp + (size_t)r * cin}, (const void *[]){up}, 1, cin,
-                                         mp + (size_t)r * NR, width / 16);
+                            kind->micro((const void *[]){vp + size * r * cin}, (const void *[]){up}, 1, cin,
+                                        mp + (size_t)r * NR, width / 16);
                     }
                     for (int r = 0; r < count; r++) {
                         long t = t0 + r;
                         int img = t / (th * tw), rem = t % (th * tw);
                         for (int j = 0; j < width / 16; j++)
-                            output_tile(m, rows, r, j, bias, relu, out + (size_t)img * h * w * cout, h, w, cout,
-                                        (rem / tw) * TILE, (rem % tw) * TILE, pn * NR);
+                            kind->out(m, rows, r, j, bias, relu, out + size * img * h * w * cout, h, w, cout,
+                                      (rem / tw) * tile, (rem % tw) * tile, pn * NR);
                     }
                 }
             }
@@ -193,6 +212,12 @@ int flexunet_winograd_f43(const float *x, int n, int h, int w, int cin, const fl
         free(m);
     }
     return failed ? 2 : 0;
+}
+
+int flexunet_winograd_f43(const float *x, int n, int h, int w, int cin, const float *u, const float *bias,
+                          float *out, int cout, int relu, int threads) {
+    static const struct winograd_kind f43 = {P, TILE, sizeof(float), transform_tile, micro_taps_n, output_tile};
+    return winograd((const char *)x, n, h, w, cin, (const char *)u, bias, (char *)out, cout, relu, threads, &f43);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -212,7 +237,6 @@ static void store_row(void *out, const float *c, const float *bias, int width) {
     for (int q = 0; q < width; q += 16) store((float *)out + q, bias ? load(c + q) + load(bias + q) : load(c + q));
 }
 
-typedef void (*taps_fn)(const void *const *a, const void *const *b, int ntaps, int k, float *c, int nv);
 typedef void (*row_fn)(void *out, const float *c, const float *bias, int width);
 
 /* The transposed convolution for elements of `size` bytes: `micro` multiplies, `row` stores. */
@@ -283,8 +307,9 @@ static inline void store_bf16(unsigned short *p, v16 v) {
     _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh((__m512)v));
 }
 
-static void transform_tile_bf16(const unsigned short *x, int h, int w, int cin, int y0, int x0,
-                                unsigned short *v, int r, int rows) {
+static void transform_tile_bf16(const void *xv, int h, int w, int cin, int y0, int x0, void *vv, int r, int rows) {
+    const unsigned short *x = xv;
+    unsigned short *v = vv;
     int interior = y0 >= 0 && x0 >= 0 && y0 + A2 <= h && x0 + A2 <= w;
     for (int c = 0; c < cin; c += 16) {
         v16 d[A2][A2], t[A2][A2];
@@ -345,7 +370,8 @@ static void micro_taps_bf16_n(const void *const *a, const void *const *b, int nt
 }
 
 static void output_tile_bf16(const float *m, int rows, int r, int j, const float *bias, int relu,
-                             unsigned short *out, int h, int w, int cout, int y0, int x0, int col0) {
+                             void *outv, int h, int w, int cout, int y0, int x0, int col0) {
+    unsigned short *out = outv;
     v16 mm[A2][A2];
     for (int i = 0; i < A2; i++)
         for (int jj = 0; jj < A2; jj++) mm[i][jj] = load(m + ((size_t)(i * A2 + jj) * rows + r) * NR + 16 * j);
@@ -370,59 +396,9 @@ static void output_tile_bf16(const float *m, int rows, int r, int j, const float
 
 int flexunet_winograd_f23_bf16(const unsigned short *x, int n, int h, int w, int cin, const unsigned short *u,
                                const float *bias, unsigned short *out, int cout, int relu, int threads) {
-    if (cin % 16 || cout % 16 || n <= 0 || h <= 0 || w <= 0) return 1;
-    int th = (h + 1) / 2, tw = (w + 1) / 2;
-    long tiles = (long)n * th * tw;
-    int rows = block_rows(cin);
-    long blocks = (tiles + rows - 1) / rows;
-    int panels = (cout + NR - 1) / NR, failed = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        unsigned short *v = aligned_alloc(64, sizeof(unsigned short) * P2 * rows * cin);
-        float *m = aligned_alloc(64, sizeof(float) * P2 * rows * NR);
-        if (!v || !m) {
-#pragma omp atomic write
-            failed = 1;
-        } else {
-            memset(v, 0, sizeof(unsigned short) * P2 * rows * cin);
-        }
-#pragma omp barrier
-        if (!failed) {
-#pragma omp for schedule(dynamic, 1)
-            for (long blk = 0; blk < blocks; blk++) {
-                long t0 = blk * rows;
-                int count = tiles - t0 < rows ? (int)(tiles - t0) : rows;
-                for (int r = 0; r < count; r++) {
-                    long t = t0 + r;
-                    int img = t / (th * tw), rem = t % (th * tw);
-                    transform_tile_bf16(x + (size_t)img * h * w * cin, h, w, cin, (rem / tw) * 2 - 1,
-                                        (rem % tw) * 2 - 1, v, r, rows);
-                }
-                int used = (count + MR - 1) / MR * MR;
-                for (int pn = 0; pn < panels; pn++) {
-                    int width = cout - pn * NR < NR ? cout - pn * NR : NR;
-                    for (int p = 0; p < P2; p++) {
-                        const unsigned short *up = u + (size_t)p * cin * cout + (size_t)pn * cin * NR;
-                        const unsigned short *vp = v + (size_t)p * rows * cin;
-                        float *mp = m + (size_t)p * rows * NR;
-                        for (int r = 0; r < used; r += MR)
-                            micro_taps_bf16_n((const void *[]){vp + (size_t)r * cin}, (const void *[]){up}, 1, cin,
-                                              mp + (size_t)r * NR, width / 16);
-                    }
-                    for (int r = 0; r < count; r++) {
-                        long t = t0 + r;
-                        int img = t / (th * tw), rem = t % (th * tw);
-                        for (int j = 0; j < width / 16; j++)
-                            output_tile_bf16(m, rows, r, j, bias, relu, out + (size_t)img * h * w * cout, h, w,
-                                             cout, (rem / tw) * 2, (rem % tw) * 2, pn * NR);
-                    }
-                }
-            }
-        }
-        free(v);
-        free(m);
-    }
-    return failed ? 2 : 0;
+    static const struct winograd_kind f23 = {P2, 2, sizeof(unsigned short), transform_tile_bf16, micro_taps_bf16_n,
+                                             output_tile_bf16};
+    return winograd((const char *)x, n, h, w, cin, (const char *)u, bias, (char *)out, cout, relu, threads, &f23);
 }
 
 /* The transposed convolution in bfloat16 (layouts as in float32; u in pairs). */
