@@ -146,9 +146,9 @@ static void output_tile(const float *m, int rows, int r, int j, const float *bia
         }
 }
 
-static int block_rows(int cin) {
-    /* Keep V (36 x rows x Cin floats) near 1 MiB; rows a multiple of MR. */
-    int rows = (1 << 18) / (P * cin);
+static int block_rows(int cin, int positions, size_t size) {
+    /* Keep V (positions x rows x Cin elements) near 1 MiB; rows a multiple of MR. */
+    int rows = (1 << 20) / (positions * cin * (int)size);
     rows = rows / MR * MR;
     if (rows < MR) rows = MR;
     if (rows > 8 * MR) rows = 8 * MR;
@@ -162,7 +162,7 @@ static int winograd(const char *x, int n, int h, int w, int cin, const char *u, 
     const size_t size = kind->size;
     int th = (h + tile - 1) / tile, tw = (w + tile - 1) / tile;
     long tiles = (long)n * th * tw;
-    int rows = block_rows(cin);
+    int rows = block_rows(cin, np, size);
     long blocks = (tiles + rows - 1) / rows;
     int panels = (cout + NR - 1) / NR, failed = 0;
 #pragma omp parallel num_threads(threads)
