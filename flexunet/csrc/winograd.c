@@ -1,13 +1,20 @@
-/* Fused Winograd F(4x4, 3x3) convolution for channels-last float32 tensors.
+/* Native CPU kernels for channels-last tensors, called from flexunet/native.py:
  *
- * One pass per block of output tiles, everything in cache: the input tiles are
- * transformed into V (36 x tiles x Cin), multiplied by the pre-transformed
- * kernel U (36 x Cout x Cin panels) one 64-channel column block at a time, and
- * the products are transformed back, biased, optionally rectified and stored.
- * Built at first use by flexunet.native with -O3 -march=native; GCC vector
- * extensions map the 16-float vectors onto AVX-512 or pairs of AVX2 registers.
+ *   flexunet_winograd_f43        3x3 'same' convolution, Winograd F(4x4, 3x3), float32
+ *   flexunet_winograd_f23_bf16   the same with F(2x2, 3x3) and bfloat16 dot products (AVX512-BF16)
+ *   flexunet_transposed_k3s2     transposed convolution, kernel 3, stride 2, TensorFlow 'same'
+ *   flexunet_transposed_k3s2_bf16
  *
- * Layouts:
+ * The Winograd kernels make one pass per block of output tiles with everything in cache: the
+ * input tiles are transformed into V (positions x tiles x Cin), multiplied by the
+ * pre-transformed kernel U one panel of up to 64 output channels at a time, and the products
+ * are transformed back, biased, optionally rectified and stored. All products go through one
+ * register-blocked microkernel per element type (MR pixels x up to 64 channels, summed over
+ * kernel taps). Built at first use with -O3 -march=native; GCC vector extensions map the
+ * 16-float vectors onto AVX-512 or pairs of AVX2 registers. Entry points return 0, or 1 for
+ * shapes they do not take, 2 when out of memory, 3 for bfloat16 without AVX512-BF16.
+ *
+ * Float32 Winograd layouts:
  *   x    (N, H, W, Cin)             Cin % 16 == 0
  *   u    (36, Cin * Cout)           kernel in Winograd space, per position in panels of
  *                                   NR = 64 output channels (the last may be narrower),
@@ -30,6 +37,30 @@ typedef int mask16 __attribute__((vector_size(64)));
 static inline v16 load(const float *p) { return *(const v16 *)p; }
 static inline void store(float *p, v16 v) { *(v16 *)p = v; }
 
+/* Bias, then ReLU if asked; NaN is kept, as torch.relu does. */
+static inline v16 finish(v16 value, v16 bias, int relu) {
+    value += bias;
+    return relu ? (v16)((mask16)value & ~(value < (v16){0})) : value;
+}
+
+/* The a x a input pixels (channels c..c+15) of a tile with top-left pixel (y0, x0), zero outside
+ * the image; `load16` reads 16 channels of the element type, `size` bytes each. */
+static inline __attribute__((always_inline)) void gather(const char *x, size_t size, v16 (*load16)(const char *),
+                                                         int a, int h, int w, int cin, int y0, int x0, int c,
+                                                         v16 *d) {
+    int interior = y0 >= 0 && x0 >= 0 && y0 + a <= h && x0 + a <= w;
+    for (int i = 0; i < a; i++)
+        for (int j = 0; j < a; j++) {
+            int y = y0 + i, xx = x0 + j;
+            if (interior || (y >= 0 && y < h && xx >= 0 && xx < w))
+                d[i * a + j] = load16(x + size * (((size_t)y * w + xx) * cin + c));
+            else
+                d[i * a + j] = (v16){0};
+        }
+}
+
+static inline v16 load_f32(const char *p) { return load((const float *)p); }
+
 /* Rows of B^T applied to six vectors (one column or row of a 6x6 tile). */
 static inline void input_1d(const v16 d[6], v16 r[6]) {
     r[0] = 4.0f * d[0] - 5.0f * d[2] + d[4];
@@ -51,19 +82,10 @@ static inline void output_1d(const v16 m[6], v16 o[4]) {
 
 /* V[p][r][c..c+16] for one tile whose top-left input pixel is (y0, x0) (may be -1). */
 static void transform_tile(const void *xv, int h, int w, int cin, int y0, int x0, void *vv, int r, int rows) {
-    const float *x = xv;
     float *v = vv;
-    int interior = y0 >= 0 && x0 >= 0 && y0 + A <= h && x0 + A <= w;
     for (int c = 0; c < cin; c += 16) {
         v16 d[A][A], t[A][A];
-        for (int i = 0; i < A; i++)
-            for (int j = 0; j < A; j++) {
-                int y = y0 + i, xx = x0 + j;
-                if (interior || (y >= 0 && y < h && xx >= 0 && xx < w))
-                    d[i][j] = load(x + ((size_t)y * w + xx) * cin + c);
-                else
-                    d[i][j] = (v16){0};
-            }
+        gather(xv, sizeof(float), load_f32, A, h, w, cin, y0, x0, c, &d[0][0]);
         for (int j = 0; j < A; j++) { /* columns */
             v16 col[A], res[A];
             for (int i = 0; i < A; i++) col[i] = d[i][j];
@@ -137,13 +159,9 @@ static void output_tile(const float *m, int rows, int r, int j, const float *bia
     }
     for (int i = 0; i < 4; i++) output_1d(t[i], o[i]);
     v16 b = bias ? load(bias + col0 + 16 * j) : (v16){0};
-    v16 zero = {0};
     for (int i = 0; i < 4 && y0 + i < h; i++)
-        for (int jj = 0; jj < 4 && x0 + jj < w; jj++) {
-            v16 val = o[i][jj] + b;
-            if (relu) val = (v16)((mask16)val & ~(val < zero)); /* NaN is kept, as torch.relu does */
-            store(out + ((size_t)(y0 + i) * w + x0 + jj) * cout + col0 + 16 * j, val);
-        }
+        for (int jj = 0; jj < 4 && x0 + jj < w; jj++)
+            store(out + ((size_t)(y0 + i) * w + x0 + jj) * cout + col0 + 16 * j, finish(o[i][jj], b, relu));
 }
 
 static int block_rows(int cin, int positions, size_t size) {
@@ -303,24 +321,17 @@ static inline v16 load_bf16(const unsigned short *p) {
     return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16);
 }
 
+static inline v16 load_bf16_bytes(const char *p) { return load_bf16((const unsigned short *)p); }
+
 static inline void store_bf16(unsigned short *p, v16 v) {
     _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh((__m512)v));
 }
 
 static void transform_tile_bf16(const void *xv, int h, int w, int cin, int y0, int x0, void *vv, int r, int rows) {
-    const unsigned short *x = xv;
     unsigned short *v = vv;
-    int interior = y0 >= 0 && x0 >= 0 && y0 + A2 <= h && x0 + A2 <= w;
     for (int c = 0; c < cin; c += 16) {
         v16 d[A2][A2], t[A2][A2];
-        for (int i = 0; i < A2; i++)
-            for (int j = 0; j < A2; j++) {
-                int y = y0 + i, xx = x0 + j;
-                if (interior || (y >= 0 && y < h && xx >= 0 && xx < w))
-                    d[i][j] = load_bf16(x + ((size_t)y * w + xx) * cin + c);
-                else
-                    d[i][j] = (v16){0};
-            }
+        gather(xv, sizeof(unsigned short), load_bf16_bytes, A2, h, w, cin, y0, x0, c, &d[0][0]);
         for (int j = 0; j < A2; j++) { /* columns: rows of B^T */
             t[0][j] = d[0][j] - d[2][j];
             t[1][j] = d[1][j] + d[2][j];
@@ -385,13 +396,9 @@ static void output_tile_bf16(const float *m, int rows, int r, int j, const float
         o[i][1] = t[i][1] - t[i][2] - t[i][3];
     }
     v16 b = bias ? load(bias + col0 + 16 * j) : (v16){0};
-    v16 zero = {0};
     for (int i = 0; i < 2 && y0 + i < h; i++)
-        for (int jj = 0; jj < 2 && x0 + jj < w; jj++) {
-            v16 val = o[i][jj] + b;
-            if (relu) val = (v16)((mask16)val & ~(val < zero));
-            store_bf16(out + ((size_t)(y0 + i) * w + x0 + jj) * cout + col0 + 16 * j, val);
-        }
+        for (int jj = 0; jj < 2 && x0 + jj < w; jj++)
+            store_bf16(out + ((size_t)(y0 + i) * w + x0 + jj) * cout + col0 + 16 * j, finish(o[i][jj], b, relu));
 }
 
 int flexunet_winograd_f23_bf16(const unsigned short *x, int n, int h, int w, int cin, const unsigned short *u,
