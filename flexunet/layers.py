@@ -63,13 +63,11 @@ class Conv2dSame(nn.Conv2d):
 
     def _winograd(self, x: torch.Tensor) -> torch.Tensor | None:
         w = self.weight
-        autocast = torch.is_autocast_enabled("cpu")
-        dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
+        dtype = _compute_dtype(x)
         if dtype not in (torch.float32, torch.bfloat16):
             return None
-        tracked = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)
         fused = native.supports_winograd(dtype, self.in_channels, self.out_channels) and native.available()
-        if tracked:
+        if _tracked(self, x):
             # Training: float32 only, and only where there are enough tiles to amortise the
             # kernel transforms that every step recomputes.
             n, _, h, width = x.shape
@@ -81,18 +79,25 @@ class Conv2dSame(nn.Conv2d):
             return fastconv.WinogradConv3x3.apply(x, w, self.bias) if self.large else None
         if not (fused or self.large):
             return None
-        key = (dtype, fused, *_state_key(w))
-        if self._winograd_cache is None or self._winograd_cache[0] != key:
-            if fused:
-                kernel = native.transform_kernel(w, dtype)
-            else:
-                kernel = fastconv.winograd_kernel(w.detach(), fastconv.winograd_tile(dtype)).to(dtype)
-            self._winograd_cache = (key, kernel)
-        kernel = self._winograd_cache[1]
+        if fused:
+            make = lambda: native.transform_kernel(w, dtype)  # noqa: E731
+        else:
+            make = lambda: fastconv.winograd_kernel(w.detach(), fastconv.winograd_tile(dtype)).to(dtype)  # noqa: E731
+        kernel = _cached(self, "_winograd_cache", (dtype, fused, *_state_key(w)), make)
         with torch.autocast("cpu", enabled=False):
             if fused:
                 return native.winograd_conv3x3(x, kernel, self.bias)
             return fastconv.winograd_conv3x3(x.to(dtype), w, self.bias, kernel=kernel)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution computes in: the CPU autocast dtype under autocast, else x's."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
+def _tracked(module: nn.Module, x: torch.Tensor) -> bool:
+    """True when autograd records this call (training): the inference caches do not apply."""
+    return torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)
 
 
 def _state_key(*tensors) -> tuple:
@@ -101,25 +106,28 @@ def _state_key(*tensors) -> tuple:
     return tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors if t is not None)
 
 
+def _cached(module: nn.Module, name: str, key: tuple, make):
+    """`make()`, kept in `module.<name>` as (key, value) and recomputed only when `key` changes."""
+    cache = getattr(module, name, None)
+    if cache is None or cache[0] != key:
+        cache = (key, make())
+        setattr(module, name, cache)
+    return cache[1]
+
+
 def autocast_params(module: nn.Module, x: torch.Tensor):
     """(weight, bias, dtype) cast to the CPU autocast dtype and cached, for inference under autocast.
 
     Returns None outside autocast, when gradients are tracked, or off the fast path;
     the cache is refreshed whenever the weight changes.
     """
-    if not (torch.is_autocast_enabled("cpu") and fastconv.use_fast_path(x)):
-        return None
-    w = module.weight
-    if torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):
+    if not (torch.is_autocast_enabled("cpu") and fastconv.use_fast_path(x)) or _tracked(module, x):
         return None
     dtype = torch.get_autocast_dtype("cpu")
-    key = (dtype, *_state_key(w, module.bias))
-    cache = getattr(module, "_autocast_cache", None)
-    if cache is None or cache[0] != key:
-        bias = None if module.bias is None else module.bias.detach().to(dtype)
-        cache = (key, w.detach().to(dtype), bias)
-        module._autocast_cache = cache
-    return cache[1], cache[2], dtype
+    w, b = module.weight, module.bias
+    weight, bias = _cached(module, "_autocast_cache", (dtype, *_state_key(w, b)),
+                           lambda: (w.detach().to(dtype), None if b is None else b.detach().to(dtype)))
+    return weight, bias, dtype
 
 
 class MaxPool2dSame(nn.Module):
@@ -173,15 +181,13 @@ class ConvTranspose2dSame(nn.ConvTranspose2d):
         self._native_cache: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tracked = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if fastconv.use_fast_path(x) and not tracked:  # training: oneDNN's own backward is faster
-            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        if fastconv.use_fast_path(x) and not _tracked(self, x):  # training: oneDNN's own backward is faster
+            dtype = _compute_dtype(x)
             k, s = self.kernel_size[0], self.stride[0]
             if native.supports_transposed(dtype, self.in_channels, self.out_channels, k, s) and native.available():
-                key = (dtype, *_state_key(self.weight))
-                if self._native_cache is None or self._native_cache[0] != key:
-                    self._native_cache = (key, native.pack_transposed(self.weight, dtype))
-                return native.transposed_conv_k3s2(x, self._native_cache[1], self.bias)
+                packed = _cached(self, "_native_cache", (dtype, *_state_key(self.weight)),
+                                 lambda: native.pack_transposed(self.weight, dtype))
+                return native.transposed_conv_k3s2(x, packed, self.bias)
             cast = autocast_params(self, x)
             if cast is None:
                 return fastconv.transposed_conv(x, self.weight, self.bias, self.stride[0])

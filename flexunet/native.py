@@ -34,6 +34,7 @@ from flexunet import fastconv
 SOURCE = Path(__file__).parent / "csrc" / "winograd.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi"]
 PANEL = 64  # output channels per kernel panel (NR in the C source)
+MR = 6  # pixels per register block (MR in the C source)
 
 
 def cache_dir() -> Path:
@@ -89,16 +90,14 @@ def library() -> Optional[ctypes.CDLL]:
     else:
         try:
             lib = ctypes.CDLL(str(_build(compiler)))
-            for fn in (lib.flexunet_winograd_f43, lib.flexunet_winograd_f23_bf16):
-                fn.restype = ctypes.c_int
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                               ctypes.c_int]
-            for fn in (lib.flexunet_transposed_k3s2, lib.flexunet_transposed_k3s2_bf16):
-                fn.restype = ctypes.c_int
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+            # (x, n, h, w, cin, u, bias, out, cout[, relu], threads)
+            args = [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+            for name, extra in (("winograd_f43", 2), ("winograd_f23_bf16", 2), ("transposed_k3s2", 1),
+                                ("transposed_k3s2_bf16", 1)):
+                fn = getattr(lib, f"flexunet_{name}")
+                fn.restype, fn.argtypes = ctypes.c_int, args + [ctypes.c_int] * extra
             lib.flexunet_has_bf16.restype = ctypes.c_int
+            lib.bf16 = bool(lib.flexunet_has_bf16())  # asked once: the layers ask at every call
             return lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             reason = str(exc)
@@ -122,7 +121,7 @@ def supports_winograd(dtype: torch.dtype, in_channels: int, out_channels: int) -
 def has_bfloat16() -> bool:
     """True when the kernels were built with AVX512-BF16 (bfloat16 dot products)."""
     lib = library()
-    return lib is not None and bool(lib.flexunet_has_bf16())
+    return lib is not None and lib.bf16
 
 
 def pack_kernel(kernel: torch.Tensor, pairs: bool = False) -> torch.Tensor:
@@ -156,6 +155,27 @@ def transform_kernel(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -
     return (gg @ taps).to(dtype)
 
 
+def _launch(name: str, x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
+            *options: int, data: Optional[torch.Tensor] = None) -> None:
+    """Run kernel `flexunet_<name>` (`_bf16` appended for bfloat16) and turn its status into an exception.
+
+    The kernel reads `data` (default: `x`, channels-last) with `x`'s shape and writes `out`.
+    """
+    n, cin, h, w = x.shape
+    cout = out.shape[1]
+    fn = getattr(library(), f"flexunet_{name}_bf16" if packed.dtype == torch.bfloat16 else f"flexunet_{name}")
+    source = x if data is None else data
+    b = None if bias is None else bias.detach().float().contiguous()
+    status = fn(source.data_ptr(), n, h, w, cin, packed.data_ptr(), None if b is None else b.data_ptr(),
+                out.data_ptr(), cout, *options, torch.get_num_threads())
+    if status == 2:
+        raise MemoryError(f"flexunet's {name} kernel could not allocate its work buffers.")
+    if status != 0:
+        raise ValueError(f"flexunet's {name} kernel cannot take an input of shape {tuple(x.shape)} with {cout} "
+                         f"output channels in {packed.dtype} (needs H, W >= 1, Cin % 16 == 0, Cout % 16 == 0, "
+                         "and AVX512-BF16 for bfloat16).")
+
+
 def winograd_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
                      relu: bool = False) -> torch.Tensor:
     """3x3 'same' convolution of an (N, Cin, H, W) batch on the fused kernel, in `packed`'s dtype.
@@ -165,22 +185,10 @@ def winograd_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch
     float32. The result is channels-last in that dtype; callers check
     `supports_winograd` first.
     """
-    lib = library()
     n, cin, h, w = x.shape
-    cout = packed.shape[1] // cin
-    dtype = packed.dtype
-    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
-    out = torch.empty((n, cout, h, w), dtype=dtype, memory_format=torch.channels_last)
-    b = None if bias is None else bias.detach().float().contiguous()
-    fn = lib.flexunet_winograd_f23_bf16 if dtype == torch.bfloat16 else lib.flexunet_winograd_f43
-    status = fn(x.data_ptr(), n, h, w, cin, packed.data_ptr(), None if b is None else b.data_ptr(),
-                out.data_ptr(), cout, int(relu), torch.get_num_threads())
-    if status == 2:
-        raise MemoryError("flexunet's Winograd kernel could not allocate its work buffers.")
-    if status != 0:
-        raise ValueError(f"flexunet's Winograd kernel cannot take an input of shape {tuple(x.shape)} "
-                         f"with {cout} output channels in {dtype} (needs H, W >= 1, Cin % 16 == 0, "
-                         "Cout % 16 == 0, and AVX512-BF16 for bfloat16).")
+    x = x.to(packed.dtype).contiguous(memory_format=torch.channels_last)
+    out = torch.empty((n, packed.shape[1] // cin, h, w), dtype=packed.dtype, memory_format=torch.channels_last)
+    _launch("winograd_f43" if packed.dtype == torch.float32 else "winograd_f23", x, packed, bias, out, int(relu))
     return out
 
 
@@ -196,9 +204,6 @@ def pack_transposed(weight: torch.Tensor, dtype: torch.dtype = torch.float32) ->
     return pack_kernel(taps, pairs=dtype == torch.bfloat16).to(dtype)
 
 
-MR = 6  # pixels per register block (MR in the C source)
-
-
 def transposed_conv_k3s2(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """TensorFlow 'same' transposed convolution, kernel 3, stride 2, on the native kernel.
 
@@ -206,22 +211,12 @@ def transposed_conv_k3s2(x: torch.Tensor, packed: torch.Tensor, bias: Optional[t
     its dtype (bfloat16 products accumulate in float32). Returns (N, Cout, 2H, 2W),
     channels-last; callers check `supports_transposed` first.
     """
-    lib = library()
     n, cin, h, w = x.shape
-    cout = packed.shape[1] // cin
-    dtype = packed.dtype
     # One zero row on top, one zero column on the left, MR on the right: every read is in bounds.
-    xp = F.pad(x.to(dtype).permute(0, 2, 3, 1), (0, 0, 1, MR, 1, 0)).contiguous()
-    out = torch.empty((n, cout, 2 * h, 2 * w), dtype=dtype, memory_format=torch.channels_last)
-    b = None if bias is None else bias.detach().float().contiguous()
-    fn = lib.flexunet_transposed_k3s2_bf16 if dtype == torch.bfloat16 else lib.flexunet_transposed_k3s2
-    status = fn(xp.data_ptr(), n, h, w, cin, packed.data_ptr(),
-                                          None if b is None else b.data_ptr(), out.data_ptr(), cout,
-                                          torch.get_num_threads())
-    if status != 0:
-        raise ValueError(f"flexunet's transposed-convolution kernel cannot take an input of shape "
-                         f"{tuple(x.shape)} with {cout} output channels (needs H, W >= 1, Cin % 16 == 0, "
-                         "Cout % 16 == 0).")
+    xp = F.pad(x.to(packed.dtype).permute(0, 2, 3, 1), (0, 0, 1, MR, 1, 0)).contiguous()
+    out = torch.empty((n, packed.shape[1] // cin, 2 * h, 2 * w), dtype=packed.dtype,
+                      memory_format=torch.channels_last)
+    _launch("transposed_k3s2", x, packed, bias, out, data=xp)
     return out
 
 
