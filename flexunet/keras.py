@@ -9,14 +9,19 @@ layer `CentroidConfmapsHead_0`.
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any, Callable, Iterator
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
+from flexunet import h5_reader
 from flexunet.validation import mismatch_message
 
 # Keras weight name -> (PyTorch attribute, Keras-to-PyTorch array transform), per module type.
@@ -64,92 +69,20 @@ def keras_layers(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf8") if isinstance(value, bytes) else str(value)
-
-
-def _open_h5(path: str | os.PathLike):
-    import h5py
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Keras weights file not found: {path}")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"Keras weights path is a directory, expected an .h5 file: {path}")
-    try:
-        return h5py.File(path, "r")
-    except OSError as err:
-        raise ValueError(f"{path} is not a readable HDF5 (Keras .h5) file: {err}") from None
-
-
-def _read_keras_weights(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
-    """Read every layer's weights from a Keras 2 `.h5` file (in this process).
-
-    Accepts whole-model files (weights under `model_weights/`, as SLEAP saves) and
-    `save_weights` files (layers at the root).
-
-    Returns:
-        `{layer_name: {weight_name: array}}` with weight names like "kernel", "bias",
-        "gamma", "moving_mean"; layers without weights are left out.
-
-    Raises:
-        FileNotFoundError: `path` does not exist.
-        ValueError: the file is not HDF5 or not laid out as Keras writes weights.
-    """
-    with _open_h5(path) as f:
-        try:
-            root = f["model_weights"] if "model_weights" in f else f
-            if "layer_names" not in root.attrs:
-                raise ValueError("no 'layer_names' attribute: not a Keras 2 weights layout")
-            layers: dict[str, dict[str, np.ndarray]] = {}
-            for raw in root.attrs["layer_names"]:
-                name = _text(raw)
-                group = root[name]
-                weights = {}
-                for wraw in group.attrs.get("weight_names", []):
-                    wname = _text(wraw)
-                    key = wname.split("/")[-1].split(":")[0]
-                    data = group[wname]
-                    if not hasattr(data, "shape"):
-                        raise ValueError(f"weight {wname!r} is not a dataset")
-                    weights[key] = np.asarray(data[()])
-                if weights:
-                    layers[name] = weights
-            return layers
-        except ValueError as err:
-            raise ValueError(f"{os.fspath(path)}: cannot read Keras weights: {err}") from None
-        except Exception as err:  # h5py surfaces damage as KeyError, OSError, TypeError, ...
-            raise ValueError(
-                f"{os.fspath(path)}: damaged or unexpected Keras weights layout ({type(err).__name__}: {err})"
-            ) from None
-
-
-def _read_keras_model_config(path: str | os.PathLike) -> dict | None:
-    """The Keras model graph (`model_config` attribute) of a whole-model `.h5`, or None (in this process)."""
-    with _open_h5(path) as f:
-        try:
-            raw = f.attrs.get("model_config")
-            if raw is None:
-                return None
-            config = json.loads(_text(raw))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{os.fspath(path)}: model_config attribute is not valid JSON: {err}") from None
-        except Exception as err:
-            raise ValueError(f"{os.fspath(path)}: unreadable model_config attribute ({type(err).__name__}: {err})") from None
-        return config if isinstance(config, dict) else None
-
-
 # Seconds a read of one .h5 file may take. Damaged HDF5 metadata can send the HDF5 library
-# into an endless loop or a crash, so files are read in a child process that is stopped then.
+# into an endless loop or a crash, so files are read by a helper interpreter stopped then.
 READ_TIMEOUT = 120.0
+# The helper: a script that imports only h5py and NumPy (see `flexunet.h5_reader`).
+HELPER_SCRIPT = Path(h5_reader.__file__)
 
 
 def read_keras_weights(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     """Read every layer's weights from a Keras 2 `.h5` file.
 
     Accepts whole-model files (weights under `model_weights/`, as SLEAP saves) and
-    `save_weights` files (layers at the root). The file is read in a child process,
-    so a damaged file cannot hang or crash the caller (see `READ_TIMEOUT`).
+    `save_weights` files (layers at the root). The file is read by a fresh
+    interpreter, so a damaged file cannot hang or crash the caller (see
+    `READ_TIMEOUT` and `flexunet.h5_reader`).
 
     Returns:
         `{layer_name: {weight_name: array}}` with weight names like "kernel", "bias",
@@ -158,77 +91,71 @@ def read_keras_weights(path: str | os.PathLike) -> dict[str, dict[str, np.ndarra
     Raises:
         FileNotFoundError: `path` does not exist.
         ValueError: the file is not HDF5, not laid out as Keras writes weights, or so
-            damaged that reading it hangs or crashes.
+            damaged that reading it hangs or crashes the HDF5 library.
+        RuntimeError: the helper interpreter failed for a reason other than the file.
     """
-    _check_path(path)
-    return _guarded(_read_keras_weights, path)
+    return _read("weights", path)[0]
 
 
 def read_keras_model_config(path: str | os.PathLike) -> dict | None:
     """The Keras model graph (`model_config` attribute) of a whole-model `.h5`, or None.
 
-    Read in a child process like `read_keras_weights`.
+    Read by a helper interpreter like `read_keras_weights`.
     """
-    _check_path(path)
-    return _guarded(_read_keras_model_config, path)
+    return _read("config", path)[1]
 
 
 def read_keras_file(path: str | os.PathLike) -> tuple[dict[str, dict[str, np.ndarray]], dict | None]:
     """`(read_keras_weights(path), read_keras_model_config(path))` in one guarded read."""
-    _check_path(path)
-    return _guarded(_read_both, path)
+    return _read("both", path)
 
 
-def _read_both(path):
-    return _read_keras_weights(path), _read_keras_model_config(path)
-
-
-def _check_path(path) -> None:
+def _read(mode: str, path: str | os.PathLike) -> tuple:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"Keras weights file not found: {path}")
     if os.path.isdir(path):
         raise IsADirectoryError(f"Keras weights path is a directory, expected an .h5 file: {path}")
-
-
-def _child(read, path, conn) -> None:
-    try:
-        conn.send(("ok", read(path)))
-    except (ValueError, OSError) as err:
-        conn.send(("error", f"{type(err).__name__}: {err}"))
-    except BaseException as err:  # pragma: no cover - reported to the parent as damage
-        conn.send(("error", f"{type(err).__name__}: {err}"))
-    finally:
-        conn.close()
-
-
-def _guarded(read, path):
-    """Run `read(path)` in a child process with a time limit; errors come back as ValueError."""
-    import multiprocessing
-
-    path = os.fspath(path)
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    receiver, sender = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_child, args=(read, path, sender), daemon=True)
-    process.start()
-    sender.close()
-    try:
-        if not receiver.poll(READ_TIMEOUT):
-            raise ValueError(f"{path}: reading took longer than {READ_TIMEOUT:g} s; the HDF5 file is damaged.")
+    command = _helper_command()
+    if command is None:  # no interpreter to start (an embedded or frozen Python): read here
+        return h5_reader.read(mode, path)
+    with tempfile.TemporaryDirectory(prefix="flexunet-h5-") as tmp:
+        out = os.path.join(tmp, "result.npz")
         try:
-            status, payload = receiver.recv()
-        except (EOFError, OSError):
-            raise ValueError(f"{path}: the HDF5 library crashed reading this file; it is damaged.") from None
-    finally:
-        receiver.close()
-        if process.is_alive():
-            process.kill()
-        process.join()
-    if status == "ok":
-        return payload
-    message = payload.split(": ", 1)[1] if payload.startswith(("ValueError: ", "OSError: ")) else payload
-    raise ValueError(message if path in message else f"{path}: {message}")
+            done = subprocess.run([*command, mode, os.path.abspath(path), out], stdin=subprocess.DEVNULL,
+                                  capture_output=True, timeout=READ_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise ValueError(f"{path}: reading took longer than {READ_TIMEOUT:g} s (flexunet.keras.READ_TIMEOUT); "
+                             "the HDF5 file is damaged.") from None
+        except OSError as err:
+            raise RuntimeError(f"flexunet could not start its HDF5 reader ({command[0]}) for {path}: {err}") from None
+        if done.returncode < 0:
+            raise ValueError(f"{path}: the HDF5 library crashed reading this file ({_signal_name(-done.returncode)}); "
+                             "it is damaged.")
+        if done.returncode != 0 or not os.path.exists(out):
+            detail = done.stderr.decode("utf8", "replace").strip().splitlines()
+            raise RuntimeError(f"flexunet's HDF5 reader failed while reading {path} (exit status {done.returncode}): "
+                               f"{detail[-1] if detail else 'no message'}. The file itself was not judged.")
+        weights, config, error = h5_reader.unpack(out)
+    if error is not None:
+        message = error.split(": ", 1)[1] if error.startswith(("ValueError: ", "OSError: ")) else error
+        raise ValueError(message if path in message else f"{path}: {message}")
+    return weights, config
+
+
+def _helper_command() -> list[str] | None:
+    """The command that runs the reader script, or None where no interpreter can be started."""
+    if getattr(sys, "frozen", False) or not sys.executable or not os.path.isfile(sys.executable):
+        return None
+    # -P: the script's folder is not put on sys.path, so nothing beside it can shadow h5py or NumPy.
+    return [sys.executable, "-P", str(HELPER_SCRIPT)]
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def keras_state_dict(model: nn.Module, layers: dict[str, dict[str, np.ndarray]], source: str) -> dict[str, torch.Tensor]:

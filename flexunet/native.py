@@ -6,10 +6,13 @@ beat oneDNN's direct convolution at 64-256 channels. It is compiled once per
 machine with `-O3 -march=native -fopenmp` into a cache directory
 (`$FLEXUNET_CACHE_DIR`, else `$XDG_CACHE_HOME/flexunet`, else
 `~/.cache/flexunet`) and loaded with ctypes; it shares PyTorch's OpenMP runtime
-and thread count.
+and thread count. The cache must be private (owned by the current user, not
+writable by group or others) and every library is checked against the SHA-256
+recorded when it was built, so nobody else can plant code that flexunet loads.
 
-Without a C compiler (or with `FLEXUNET_NATIVE=0`) everything still works: the
-layers fall back to the pure PyTorch paths, with one warning saying why.
+Without a C compiler, a private cache or a verified library (or with
+`FLEXUNET_NATIVE=0`) everything still works: the layers fall back to the pure
+PyTorch paths, with one warning saying why.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -35,14 +39,65 @@ SOURCE = Path(__file__).parent / "csrc" / "winograd.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi"]
 PANEL = 64  # output channels per kernel panel (NR in the C source)
 MR = 6  # pixels per register block (MR in the C source)
+# Part of the cache key: libraries cached by flexunet versions without digest records are not reused.
+CACHE_FORMAT = "2"
 
 
 def cache_dir() -> Path:
-    """Where compiled kernels are kept."""
+    """Where compiled kernels are kept (before the privacy check of `private_cache_dir`)."""
     if os.environ.get("FLEXUNET_CACHE_DIR"):
         return Path(os.environ["FLEXUNET_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "flexunet"
+    return default_cache_dir()
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/flexunet`, else `~/.cache/flexunet` (`%LOCALAPPDATA%\\flexunet` on Windows)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.environ.get("LOCALAPPDATA")
+    return Path(base or os.path.join(os.path.expanduser("~"), ".cache")) / "flexunet"
+
+
+def _privacy_problem(path: Path) -> Optional[str]:
+    """Why `path` may not hold code this process loads, or None when only the current user can write it."""
+    try:
+        info = path.stat()
+    except OSError as err:
+        return f"cannot be inspected ({err.strerror or err})"
+    if not path.is_dir():
+        return "is not a directory"
+    if hasattr(os, "getuid"):
+        if info.st_uid != os.getuid():
+            return f"is owned by user id {info.st_uid}, not by the current user ({os.getuid()})"
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return f"is writable by {'others' if info.st_mode & stat.S_IWOTH else 'its group'} (mode {info.st_mode & 0o777:o})"
+    return None
+
+
+def private_cache_dir() -> tuple[Optional[Path], Optional[str]]:
+    """(directory, None) for a cache only the current user can write, created 0700 if missing;
+    (None, reason) when neither `cache_dir()` nor the default qualifies.
+
+    A directory others can write would let them plant a library that every process
+    using flexunet loads, so it is never used; `FLEXUNET_CACHE_DIR` pointing at one
+    warns and falls back to the default.
+    """
+    candidates = [cache_dir()]
+    if candidates[0] != default_cache_dir():
+        candidates.append(default_cache_dir())
+    reasons = []
+    for path in candidates:
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as err:
+            reasons.append(f"{path} cannot be created ({err.strerror or err})")
+            continue
+        problem = _privacy_problem(path)
+        if problem is None:
+            if reasons:
+                warnings.warn(f"flexunet: {reasons[0]}; kernels are cached in {path} instead.",
+                              RuntimeWarning, stacklevel=4)
+            return path, None
+        reasons.append(f"the kernel cache {path} {problem}")
+    return None, "; ".join(reasons)
 
 
 def _cpu_signature() -> str:
@@ -61,20 +116,39 @@ def _compiler() -> Optional[str]:
     return None
 
 
-def _build(compiler: str) -> Path:
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _build(compiler: str, directory: Path) -> Path:
+    """The library for this source, compiler, flags and CPU in `directory`, compiled if missing.
+
+    Its SHA-256 is recorded beside it (`.sha256`) when it is built; a library whose
+    digest does not match (truncated, replaced, or not built by flexunet) is refused.
+    """
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_signature()]).encode())
-    target = cache_dir() / f"winograd-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)],
-                                capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
-        os.replace(built, target)  # atomic: concurrent processes see a whole file or none
+    key = hashlib.sha256("\0".join([CACHE_FORMAT, SOURCE.read_text(), version, " ".join(FLAGS),
+                                    _cpu_signature()]).encode())
+    target = directory / f"winograd-{key.hexdigest()[:16]}.so"
+    record = target.with_suffix(".sha256")
+    if not target.exists():
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            built = Path(tmp) / target.name
+            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)],
+                                    capture_output=True, text=True, timeout=300)
+            if result.returncode != 0:
+                raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+            digest_file = Path(tmp) / record.name
+            digest_file.write_text(_digest(built))
+            os.replace(digest_file, record)
+            os.replace(built, target)  # atomic: concurrent processes see a whole file or none
+    try:
+        expected = record.read_text().strip()
+    except OSError:
+        raise RuntimeError(f"{target} has no digest record ({record.name}); it was not built by flexunet") from None
+    if _digest(target) != expected:
+        raise RuntimeError(f"{target} does not match the digest recorded when it was built "
+                           "(truncated or replaced); delete it to rebuild")
     return target
 
 
@@ -85,11 +159,14 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     compiler = _compiler()
     reason = None
-    if compiler is None:
+    directory, reason = private_cache_dir()
+    if directory is None:
+        pass
+    elif compiler is None:
         reason = "no C compiler found (set CC)"
     else:
         try:
-            lib = ctypes.CDLL(str(_build(compiler)))
+            lib = ctypes.CDLL(str(_build(compiler, directory)))
             # (x, n, h, w, cin, u, bias, out, cout[, relu], threads)
             args = [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
             for name, extra in (("winograd_f43", 2), ("winograd_f23_bf16", 2), ("transposed_k3s2", 1),
@@ -99,7 +176,7 @@ def library() -> Optional[ctypes.CDLL]:
             lib.flexunet_has_bf16.restype = ctypes.c_int
             lib.bf16 = bool(lib.flexunet_has_bf16())  # asked once: the layers ask at every call
             return lib
-        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
             reason = str(exc)
     warnings.warn(f"flexunet: native CPU kernels unavailable ({reason}); using the slower PyTorch paths. "
                   "Set FLEXUNET_NATIVE=0 to silence this.", RuntimeWarning, stacklevel=3)

@@ -121,12 +121,12 @@ def test_unet_uses_the_native_kernel_by_default(monkeypatch):
     assert float((fast - plain).abs().max() / plain.abs().max()) < 1e-5
 
 
-def test_library_builds_into_the_cache_directory(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLEXUNET_CACHE_DIR", str(tmp_path))
-    path = native._build(native._compiler())
+def test_library_builds_into_the_cache_directory(tmp_path):
+    path = native._build(native._compiler(), tmp_path)
     assert path.parent == tmp_path and path.suffix == ".so"
-    assert native._build(native._compiler()) == path  # built once, then reused
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left
+    assert native._build(native._compiler(), tmp_path) == path  # built once, then reused
+    # The library and its digest record, no temporary files left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.with_suffix(".sha256").name])
 
 
 def test_without_a_compiler_the_layers_fall_back_with_one_warning(monkeypatch):

@@ -7,6 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 import flexunet
 from flexunet.heads import HeadSpec
 from flexunet.sleap import SleapModel, load_model, model_from_training_config
-from tests.conftest import SLEAP_MODELS
+from tests.conftest import BACKBONES, SLEAP_MODELS
 
 # ------------------------------------------------------------------ inputs
 
@@ -162,6 +163,15 @@ def test_damaged_native_weights_name_the_file(tmp_path, damage):
         flexunet.load(tmp_path / "m")
 
 
+def _fake_helper(tmp_path, monkeypatch, body: str) -> None:
+    """Replace the HDF5 reader script by one that runs `body`."""
+    from flexunet import keras
+
+    script = tmp_path / "helper.py"
+    script.write_text(body)
+    monkeypatch.setattr(keras, "HELPER_SCRIPT", script)
+
+
 def test_a_hanging_read_is_stopped(monkeypatch, tmp_path):
     """A read that never returns (as damaged HDF5 metadata can cause) ends as a ValueError."""
     import time
@@ -169,7 +179,7 @@ def test_a_hanging_read_is_stopped(monkeypatch, tmp_path):
     from flexunet import keras
 
     monkeypatch.setattr(keras, "READ_TIMEOUT", 1.0)
-    monkeypatch.setattr(keras, "_read_keras_weights", lambda path: time.sleep(60))
+    _fake_helper(tmp_path, monkeypatch, "import time\ntime.sleep(60)\n")
     path = tmp_path / "model.h5"
     path.write_bytes(b"x")
     start = time.perf_counter()
@@ -179,15 +189,93 @@ def test_a_hanging_read_is_stopped(monkeypatch, tmp_path):
 
 
 def test_a_crashing_read_is_contained(monkeypatch, tmp_path):
-    import os
-
     from flexunet import keras
 
-    monkeypatch.setattr(keras, "_read_keras_weights", lambda path: os._exit(139))
+    _fake_helper(tmp_path, monkeypatch, "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
     path = tmp_path / "model.h5"
     path.write_bytes(b"x")
-    with pytest.raises(ValueError, match="crashed reading this file"):
+    with pytest.raises(ValueError, match="crashed reading this file .SIGSEGV"):
         keras.read_keras_weights(path)
+
+
+def test_a_failing_helper_is_not_blamed_on_the_file(monkeypatch, reference, tmp_path):
+    """A helper that cannot run is reported as such, with its reason; the valid file is not called damaged."""
+    from flexunet import keras
+
+    _fake_helper(tmp_path, monkeypatch, "import h5py_that_is_not_installed\n")
+    with pytest.raises(RuntimeError, match="HDF5 reader failed.*ModuleNotFoundError.*not judged") as info:
+        keras.read_keras_weights(BACKBONES / "tiny_reference.h5")
+    assert "damaged" not in str(info.value)
+
+
+def test_without_an_interpreter_to_start_files_are_read_in_process(monkeypatch, reference):
+    from flexunet import keras
+
+    monkeypatch.setattr(keras, "_helper_command", lambda: None)
+    layers = keras.read_keras_weights(BACKBONES / "tiny_reference.h5")
+    assert "stack0_enc0_conv0" in layers
+
+
+UNGUARDED_SCRIPT = """
+import multiprocessing, sys
+# A platform that can only spawn (Windows, macOS by default).
+multiprocessing.get_all_start_methods = lambda: ["spawn"]
+multiprocessing.set_start_method("spawn", force=True)
+import torch
+import flexunet
+model = flexunet.sleap.load_model(sys.argv[1])
+x = torch.rand(1, model.in_channels, 64, 64)
+print("outputs", sorted(model(x)))
+"""
+
+
+def test_an_unguarded_script_loads_a_model_where_processes_can_only_spawn(reference, tmp_path):
+    script = tmp_path / "user_script.py"  # no `if __name__ == "__main__":` guard, as many users write
+    script.write_text(UNGUARDED_SCRIPT)
+    folder = SLEAP_MODELS / "minimal_instance.UNet.centroid"
+    result = subprocess.run([sys.executable, str(script), str(folder)], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("outputs") == 1  # the script ran once: no child re-ran it
+    assert "CentroidConfmapsHead_0" in result.stdout
+
+
+def test_keras_files_load_from_several_threads_while_a_model_runs(reference):
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = BACKBONES / "tiny_reference.h5"
+    model = flexunet.UNet(filters=8, down_blocks=2, up_blocks=2)
+
+    def run_model():
+        with torch.no_grad():
+            return [model(torch.rand(1, 1, 64, 64)).shape for _ in range(5)]
+
+    with ThreadPoolExecutor(5) as pool:
+        running = pool.submit(run_model)
+        reads = [pool.submit(flexunet.keras.read_keras_weights, path) for _ in range(4)]
+        results = [r.result(timeout=300) for r in reads]
+        running.result(timeout=300)
+    assert all(sorted(r) == sorted(results[0]) for r in results)
+    assert all(np.array_equal(r["stack0_enc0_conv0"]["kernel"], results[0]["stack0_enc0_conv0"]["kernel"])
+               for r in results)
+
+
+class _LoadingDataset(torch.utils.data.Dataset):
+    def __init__(self, path):
+        self.path = path
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return torch.from_numpy(flexunet.keras.read_keras_weights(self.path)["stack0_enc0_conv0"]["bias"])
+
+
+def test_keras_files_load_inside_dataloader_workers(reference):
+    loader = torch.utils.data.DataLoader(_LoadingDataset(BACKBONES / "tiny_reference.h5"), batch_size=1,
+                                         num_workers=1)
+    batches = list(loader)
+    assert len(batches) == 2 and torch.equal(batches[0], batches[1])
 
 
 FUZZ = Path(__file__).resolve().parent / "fuzz_files.py"
