@@ -18,6 +18,7 @@ from torch import nn
 
 from flexunet.layers import (
     ACTIVATIONS,
+    ALIGNMENTS,
     Conv2dSame,
     ConvTranspose2dSame,
     MaxPool2dSame,
@@ -25,7 +26,7 @@ from flexunet.layers import (
     batch_norm,
     make_activation,
 )
-from flexunet.validation import check_bool, check_choice, check_int, check_optional_int
+from flexunet.validation import check_bool, check_choice, check_int, check_keys, check_optional_int
 
 INTERP_METHODS = ("bilinear", "nearest")
 
@@ -305,6 +306,10 @@ class SimpleUpsamplingBlock(DecoderBlock):
         transposed_conv_batch_norm: Add batch normalization after it.
         transposed_conv_batch_norm_before_activation: BN before (True) or after the activation.
         transposed_conv_activation: Its Keras activation name.
+        alignment: Which side of the full transposed convolution loses the odd pixel
+            (kernel > stride, odd difference): "keras" (TensorFlow: bottom/right) or
+            "sleap_nn" (PyTorch's padding=(k-1)//2, output_padding=s-1: top/left).
+            Weights trained with one are wrong with the other.
         interp_method: "bilinear" (half-pixel centres) or "nearest".
         skip_connection: Join the skip source given at build/run time.
         skip_add: Join by addition (a 1x1 linear conv `skip_conv1x1` first maps the
@@ -327,6 +332,7 @@ class SimpleUpsamplingBlock(DecoderBlock):
     transposed_conv_batch_norm: bool = True
     transposed_conv_batch_norm_before_activation: bool = True
     transposed_conv_activation: str = "relu"
+    alignment: str = "keras"
     interp_method: str = "bilinear"
     skip_connection: bool = False
     skip_add: bool = False
@@ -356,6 +362,10 @@ class SimpleUpsamplingBlock(DecoderBlock):
         check_int(f"{n}.refine_convs_filters", self.refine_convs_filters, minimum=1)
         check_int(f"{n}.refine_convs_kernel_size", self.refine_convs_kernel_size, minimum=1)
         check_choice(f"{n}.interp_method", self.interp_method, INTERP_METHODS)
+        check_choice(f"{n}.alignment", self.alignment, ALIGNMENTS)
+        if self.transposed_conv and self.alignment == "sleap_nn" and self.transposed_conv_kernel_size % 2 == 0:
+            raise ValueError(f"{n}.alignment='sleap_nn' needs an odd transposed_conv_kernel_size, got "
+                             f"{self.transposed_conv_kernel_size}.")
         _check_activation(f"{n}.transposed_conv_activation", self.transposed_conv_activation)
         _check_activation(f"{n}.refine_convs_activation", self.refine_convs_activation)
 
@@ -432,7 +442,7 @@ class UpsamplingBlock(nn.Module):
         if spec.transposed_conv:
             trans_conv = ConvTranspose2dSame(
                 c, spec.transposed_conv_filters, spec.transposed_conv_kernel_size,
-                spec.upsampling_stride, bias=spec.transposed_conv_use_bias,
+                spec.upsampling_stride, bias=spec.transposed_conv_use_bias, alignment=spec.alignment,
             )
             c = spec.transposed_conv_filters
             up: "OrderedDict[str, nn.Module]" = OrderedDict(trans_conv=trans_conv)
@@ -494,8 +504,6 @@ SPEC_TYPES = {cls.__name__: cls for cls in (SimpleConvBlock, PoolingBlock, Simpl
 
 def spec_from_dict(data: dict) -> _Spec:
     """Rebuild a block spec from `spec.to_dict()` output."""
-    from flexunet.validation import check_keys
-
     if not isinstance(data, dict) or data.get("type") not in SPEC_TYPES:
         raise ValueError(f"block spec must be a dict with 'type' in {sorted(SPEC_TYPES)}, got {data!r}.")
     cls = SPEC_TYPES[data["type"]]

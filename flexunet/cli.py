@@ -30,22 +30,35 @@ def _model_for_summary(config: Optional[str], input_shape: Optional[list[int]]):
     channels = input_shape[2] if input_shape else None
     if config is None:
         return UNet(in_channels=channels or 1)
-    from flexunet.config_files import model_from_config_file, read_json
+    from flexunet.config_files import model_from_config_file
+    from flexunet.sleap import folder_kind
 
-    data = read_json(config)
-    if isinstance(data, dict) and "model" in data:
-        # A SLEAP training config: take the input channels from best_model.h5 beside it, if any.
-        weights = os.path.join(os.path.dirname(os.path.abspath(config)), "best_model.h5")
-        if os.path.isfile(weights):
-            from flexunet.sleap import load_model
-
-            model = load_model(os.path.dirname(os.path.abspath(config)))
-            if channels is not None and channels != model.in_channels:
-                raise ValueError(
-                    f"--input-shape has {channels} channels, but {weights} takes {model.in_channels}."
-                )
-            return model
+    path = os.path.abspath(config)
+    # A model folder, or the training config inside one: the weights say the input channels.
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    kind = folder_kind(folder) if os.path.basename(path) in _TRAINING_CONFIGS or os.path.isdir(path) else None
+    if os.path.isdir(path) or (kind is not None and _has_weights(folder)):
+        model = _load_folder(folder)
+        if channels is not None and channels != model.in_channels:
+            raise ValueError(f"--input-shape has {channels} channels, but the model in {folder} takes "
+                             f"{model.in_channels}.")
+        return model
     return model_from_config_file(config, in_channels=channels)
+
+
+_TRAINING_CONFIGS = ("training_config.json", "training_config.yaml")
+
+
+def _has_weights(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, name)) for name in ("best_model.h5", "best.ckpt"))
+
+
+def _load_folder(folder: str):
+    """A SLEAP (Keras or sleap-nn) model folder, or a flexunet directory."""
+    from flexunet.serialization import load
+    from flexunet.sleap import folder_kind, load_model
+
+    return load_model(folder) if folder_kind(folder) is not None else load(folder)
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -53,14 +66,8 @@ def _convert(args: argparse.Namespace) -> None:
 
     from flexunet.export import export_onnx
     from flexunet.serialization import load, save
-    from flexunet.sleap import load_model
 
-    source_dir = args.model_dir
-    if os.path.isfile(os.path.join(source_dir, "training_config.json")):
-        model = load_model(source_dir)
-    else:
-        model = load(source_dir)
-    model.eval()
+    model = _load_folder(args.model_dir).eval()
     stride = model.maximum_stride
     side = max(64, stride)
     generator = torch.Generator().manual_seed(0)
@@ -113,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         "field, FLOPs and memory. Without --config: the default UNet (34,512,128 parameters).",
     )
     p.add_argument("--config", metavar="FILE", default=None,
-                   help="JSON file: UNet parameters, a UNetConfig, a SLEAP training_config.json or a "
+                   help="a model folder (SLEAP, sleap-nn or flexunet), or a config file: UNet parameters or a "
+                   "UNetConfig (JSON), a SLEAP training_config.json, a sleap-nn training_config.yaml or a "
                    "flexunet config.json (default: the default UNet)")
     p.add_argument("--input-shape", nargs=3, type=int, metavar=("H", "W", "C"), default=None,
                    help="input height, width and channels (default: 192 192 and the model's channels)")
@@ -123,11 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "convert", help="convert a SLEAP model folder (or flexunet directory) and verify it",
-        description="Convert MODEL_DIR (a SLEAP folder with training_config.json and best_model.h5, "
-        "or a flexunet directory) to OUT: a directory (flexunet.save format) or a .onnx file. "
+        description="Convert MODEL_DIR (a SLEAP folder with training_config.json and best_model.h5, a "
+        "sleap-nn folder with training_config.yaml and best.ckpt, or a flexunet directory) to OUT: a directory (flexunet.save format) or a .onnx file. "
         "The result is run on a random input and compared with the source.",
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="SLEAP model folder or flexunet model directory")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="SLEAP or sleap-nn model folder, or flexunet model directory")
     p.add_argument("out", metavar="OUT", help="output directory, or a file ending in .onnx")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback on errors (default: off)")

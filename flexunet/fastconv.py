@@ -190,20 +190,22 @@ def _store(value: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor)
     return out
 
 
-def _phase_taps(kernel: int, stride: int, phase: int) -> tuple[list[int], int]:
+def _phase_taps(kernel: int, stride: int, phase: int, crop: int) -> tuple[list[int], int]:
     """Kernel taps feeding output phase `phase` and the input offset of the first one.
 
-    TensorFlow crops `max(k - s, 0) // 2` from the start of the full transposed
-    output, so output `s * j + phase` sums `x[j + e - u] * w[t0 + s * u]`.
+    With `crop` pixels cropped from the start of the full transposed output
+    (TensorFlow: `max(k - s, 0) // 2`), output `s * j + phase` sums
+    `x[j + e - u] * w[t0 + s * u]`.
     """
-    q = phase + max(kernel - stride, 0) // 2
+    q = phase + crop
     t0, e = q % stride, q // stride
     taps = list(range(t0, kernel, stride))
     return taps, e
 
 
-def transposed_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int) -> torch.Tensor:
-    """'same' transposed convolution (TensorFlow semantics) by GEMMs on shifted inputs.
+def transposed_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
+                    crop: Optional[int] = None) -> torch.Tensor:
+    """'same' transposed convolution by GEMMs on shifted inputs.
 
     Every kernel tap reads the input at one shift and feeds one output phase.
     Taps are grouped by shift: one GEMM per shift computes every phase it feeds,
@@ -216,6 +218,8 @@ def transposed_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         weight: (Cin, Cout, k, k), as `nn.ConvTranspose2d` stores it.
         bias: (Cout,) or None.
         stride: Upsampling factor.
+        crop: Pixels cropped from the top/left of the full output; default TensorFlow's
+            `max(k - stride, 0) // 2` (see `layers.ConvTranspose2dSame` for sleap-nn's).
 
     Returns:
         (N, Cout, H * stride, W * stride) in x's dtype and channels-last memory (callers
@@ -225,7 +229,7 @@ def transposed_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     cout, k = weight.shape[1], weight.shape[-1]
     weight = weight.to(x.dtype)
     bias = None if bias is None else bias.to(x.dtype)
-    plan = _transposed_plan(k, stride)
+    plan = _transposed_plan(k, stride, max(k - stride, 0) // 2 if crop is None else crop)
     hp, wp = h + plan.before + plan.after, w + plan.before + plan.after
     pad = (0, 0, plan.before, plan.after, plan.before, plan.after)
     flat = F.pad(x.permute(0, 2, 3, 1), pad).reshape(n * hp * wp, cin)
@@ -271,10 +275,10 @@ class _TransposedPlan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def _transposed_plan(kernel: int, stride: int) -> _TransposedPlan:
+def _transposed_plan(kernel: int, stride: int, crop: int) -> _TransposedPlan:
     """Group the taps by input shift and order the phases so each group is contiguous."""
     feeds: dict = {}  # (dy, dx) -> {(ph, pw): (th, tw)}
-    phases = [_phase_taps(kernel, stride, r) for r in range(stride)]
+    phases = [_phase_taps(kernel, stride, r, crop) for r in range(stride)]
     for ph, (taps_h, eh) in enumerate(phases):
         for pw, (taps_w, ew) in enumerate(phases):
             for uh, th in enumerate(taps_h):

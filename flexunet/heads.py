@@ -48,6 +48,8 @@ class HeadSpec:
         global_pool: Class vectors only: global max pooling before the layers
             (else the NHWC feature map is flattened, as Keras does).
         in_features: Class vectors without global pooling: flattened input size.
+        flatten_order: Class vectors without global pooling: "nhwc" (Keras flattens
+            channels-last) or "nchw" (sleap-nn flattens channels-first).
     """
 
     kind: str
@@ -60,6 +62,7 @@ class HeadSpec:
     num_fc_units: int = 64
     global_pool: bool = True
     in_features: Optional[int] = None
+    flatten_order: str = "nhwc"
 
     def __post_init__(self):
         check_choice("HeadSpec.kind", self.kind, HEAD_KINDS)
@@ -74,6 +77,7 @@ class HeadSpec:
         check_bool("HeadSpec.global_pool", self.global_pool)
         if self.in_features is not None:
             check_int("HeadSpec.in_features", self.in_features, minimum=1)
+        check_choice("HeadSpec.flatten_order", self.flatten_order, ("nhwc", "nchw"))
 
     @property
     def is_vector(self) -> bool:
@@ -128,11 +132,12 @@ class ConvHead(Conv2dSame):
 
 
 class ClassVectorsHead(nn.Module):
-    """Global max pool (or NHWC flatten), fully connected + ReLU layers, final dense."""
+    """Global max pool (or flatten), fully connected + ReLU layers, final dense."""
 
     def __init__(self, spec: HeadSpec, in_channels: int):
         super().__init__()
         self.global_pool = spec.global_pool
+        self.channels_last_flatten = spec.flatten_order == "nhwc"
         layers = {}
         width = spec._fc_in(in_channels)
         for i in range(spec.num_fc_layers):
@@ -147,8 +152,10 @@ class ClassVectorsHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.global_pool:
             x = torch.amax(x, dim=(2, 3))  # (N, C)
-        else:
+        elif self.channels_last_flatten:
             x = x.permute(0, 2, 3, 1).flatten(1)  # Keras flattens channels-last
+        else:
+            x = x.flatten(1)
         for name in self.hidden:
             x = torch.relu(self.layers[name](x))
         return self.activation(self.layers[self.output_name](x))

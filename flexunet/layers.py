@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexunet import fastconv, native
+from flexunet.validation import check_choice
 
 # Keras' BatchNormalization defaults (momentum 0.99 is 1 - 0.01 in PyTorch's convention).
 KERAS_BN_EPS = 1e-3
@@ -157,43 +158,61 @@ class MaxPool2dSame(nn.Module):
         return F.max_pool2d(F.pad(x, pads, value=float("-inf")), k, s)
 
 
-class ConvTranspose2dSame(nn.ConvTranspose2d):
-    """Transposed convolution with Keras 'same' padding: output = input * stride.
+# How a 'same' transposed convolution (output = input * stride) is cut from the full one:
+# "keras" as TensorFlow, "sleap_nn" as PyTorch's padding=(k-1)//2, output_padding=s-1,
+# which sleap-nn uses. Models must run with the alignment they were trained with.
+ALIGNMENTS = ("keras", "sleap_nn")
 
-    TensorFlow crops `max(k - s, 0) // 2` pixels from the top/left of the full
-    transposed convolution and the rest from the bottom/right; for kernels
-    smaller than the stride it pads the bottom/right instead. PyTorch's usual
-    `padding=1, output_padding=1` for k=3, s=2 crops the wrong side.
+
+class ConvTranspose2dSame(nn.ConvTranspose2d):
+    """Transposed convolution with 'same' output size: output = input * stride.
+
+    The full transposed convolution has `(H - 1) * s + k` rows. TensorFlow
+    (`alignment="keras"`) crops `max(k - s, 0) // 2` of them at the top/left and
+    the rest at the bottom/right (for kernels smaller than the stride it pads the
+    bottom/right instead). sleap-nn (`alignment="sleap_nn"`) uses PyTorch's
+    `padding=(k - 1) // 2, output_padding=s - 1`: for k=3, s=2 it crops the
+    first row and column where TensorFlow crops the last, so the outputs are
+    one pixel apart.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, bias: bool = True):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, bias: bool = True,
+                 alignment: str = "keras"):
+        check_choice("alignment", alignment, ALIGNMENTS)
+        if alignment == "sleap_nn" and kernel_size % 2 == 0:
+            raise ValueError(f"alignment='sleap_nn' needs an odd kernel size (PyTorch's padding=(k-1)//2 gives "
+                             f"input * stride rows only then), got kernel_size={kernel_size}.")
         total = max(kernel_size - stride, 0)
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            padding=total // 2,
-            output_padding=max(stride - kernel_size, 0),
-            bias=bias,
-        )
-        self.crop_end = total % 2  # extra pixel TF drops at the bottom/right
+        if alignment == "keras":
+            # PyTorch crops `padding` on both sides; the odd pixel TF drops at the end is cropped after.
+            padding, output_padding, self.crop_start = total // 2, max(stride - kernel_size, 0), total // 2
+        else:
+            padding, output_padding = (kernel_size - 1) // 2, stride - 1
+            self.crop_start = padding
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         output_padding=output_padding, bias=bias)
+        self.alignment = alignment
+        self.crop_end = total % 2 if alignment == "keras" else 0
         self._native_cache: tuple | None = None
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.alignment == "keras" else f", alignment={self.alignment!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fastconv.use_fast_path(x) and not _tracked(self, x):  # training: oneDNN's own backward is faster
             dtype = _compute_dtype(x)
             k, s = self.kernel_size[0], self.stride[0]
-            if native.supports_transposed(dtype, self.in_channels, self.out_channels, k, s) and native.available():
+            if (self.alignment == "keras" and native.supports_transposed(dtype, self.in_channels, self.out_channels, k, s)
+                    and native.available()):
                 packed = _cached(self, "_native_cache", (dtype, *_state_key(self.weight)),
                                  lambda: native.pack_transposed(self.weight, dtype))
                 return native.transposed_conv_k3s2(x, packed, self.bias)
             cast = autocast_params(self, x)
             if cast is None:
-                return fastconv.transposed_conv(x, self.weight, self.bias, self.stride[0])
+                return fastconv.transposed_conv(x, self.weight, self.bias, s, self.crop_start)
             weight, bias, dtype = cast
             with torch.autocast("cpu", enabled=False):
-                return fastconv.transposed_conv(x.to(dtype), weight, bias, self.stride[0])
+                return fastconv.transposed_conv(x.to(dtype), weight, bias, s, self.crop_start)
         y = F.conv_transpose2d(
             x, self.weight, self.bias, self.stride, self.padding, self.output_padding
         )

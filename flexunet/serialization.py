@@ -9,22 +9,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from flexunet.config_tree import read_json
 from flexunet.heads import HeadSpec
-from flexunet.sleap import SleapModel
+from flexunet.sleap_model import SleapModel
 from flexunet.unet import UNet
 from flexunet.validation import check_keys, mismatch_message
 
-FORMAT_VERSION = 1
+# 2: the UNet's `alignment` and the SleapModel's `convert_channels` (sleap-nn models).
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-_KEYS = {"format_version", "architecture", "unet", "heads"}
+_KEYS = {"format_version", "architecture", "unet", "heads", "convert_channels"}
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:
     """The `config.json` content that rebuilds `model` (a `UNet` or `SleapModel`)."""
     if isinstance(model, SleapModel):
         return {"format_version": FORMAT_VERSION, "architecture": "SleapModel",
-                "unet": model.backbone.to_dict(), "heads": [h.to_dict() for h in model.head_specs]}
+                "unet": model.backbone.to_dict(), "heads": [h.to_dict() for h in model.head_specs],
+                "convert_channels": model.convert_channels}
     if isinstance(model, UNet):
         return {"format_version": FORMAT_VERSION, "architecture": "UNet", "unet": model.to_dict()}
     raise TypeError(f"flexunet.save supports UNet and SleapModel models, got {type(model).__name__}.")
@@ -54,7 +57,10 @@ def model_from_config(config: Any, source: str = CONFIG_FILE) -> nn.Module:
     heads = config.get("heads")
     if not isinstance(heads, list) or not heads:
         raise ValueError(f"{source}: heads must be a non-empty list of head specs, got {heads!r}.")
-    return SleapModel(backbone, [HeadSpec.from_dict(h) for h in heads])
+    convert = config.get("convert_channels", False)
+    if not isinstance(convert, bool):
+        raise ValueError(f"{source}: convert_channels must be true or false, got {convert!r}.")
+    return SleapModel(backbone, [HeadSpec.from_dict(h) for h in heads], convert_channels=convert)
 
 
 def save(model: nn.Module, directory: str | os.PathLike) -> None:
@@ -87,8 +93,6 @@ def load(directory: str | os.PathLike) -> nn.Module:
         ValueError: the config is invalid or from a newer format version, or the
             weights file is damaged or lacks tensors (all named in the message).
     """
-    from flexunet.config_files import read_json
-
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"flexunet model directory not found: {directory}")

@@ -1,5 +1,7 @@
-"""Run SLEAP-trained UNet models (a folder with `training_config.json` and
-`best_model.h5`) in PyTorch, heads included, with Keras' outputs.
+"""Run SLEAP-trained UNet models in PyTorch, heads included, each with its own numerics:
+Keras folders of SLEAP <= 1.4 (`training_config.json` + `best_model.h5`) and
+sleap-nn folders of SLEAP >= 1.5 (`training_config.yaml` + `best.ckpt`, see
+`flexunet.sleap_nn`).
 
     >>> import flexunet.sleap
     >>> model = flexunet.sleap.load_model("models/centroid")
@@ -13,17 +15,15 @@ mistyped value is a `ValueError` naming its JSON path, an unknown key a warning.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any, Optional
 
-import torch
-from torch import nn
-
 from flexunet.config import UNetConfig
-from flexunet.config_files import read_json
-from flexunet.encoder_decoder import IntermediateFeature, crop_to_input
+from flexunet.config_tree import ConfigNode, read_json
+from flexunet.encoder_decoder import IntermediateFeature
 from flexunet.heads import HEAD_KINDS, HeadSpec
 from flexunet.keras import keras_state_dict, read_keras_file
+from flexunet import sleap_nn
+from flexunet.sleap_model import SleapModel
 from flexunet.unet import UNet
 
 BACKBONES = ("leap", "unet", "hourglass", "resnet", "pretrained_encoder")
@@ -47,146 +47,6 @@ _HEAD_SECTIONS = {
 }
 
 
-class SleapModel(nn.Module):
-    """A UNet backbone with SLEAP output heads.
-
-    `forward(x)` takes (N, C, H, W) float images exactly as the Keras model takes
-    them (after SLEAP's preprocessing) and returns a dict from each Keras output
-    layer name to its tensor, in the Keras model's output order; maps are NCHW,
-    class vectors (N, classes).
-
-    Args:
-        backbone: The UNet.
-        heads: Head specs in output order.
-    """
-
-    def __init__(self, backbone: UNet, heads: list[HeadSpec]):
-        super().__init__()
-        if not heads:
-            raise ValueError("a SleapModel needs at least one head.")
-        self.backbone = backbone
-        self.head_specs = list(heads)
-        plan = backbone.plan()
-        modules, self._routes = {}, []
-        for spec in self.head_specs:
-            if spec.stack >= backbone.stacks:
-                raise ValueError(f"head {spec.name!r} reads stack {spec.stack}, but the backbone has {backbone.stacks}.")
-            stack_blocks = [p for p in plan if p.stack == spec.stack and p.section != "stem"]
-            decoder = [p for p in stack_blocks if p.section == "decoder"]
-            if spec.output_stride == backbone.output_stride:
-                route, channels = None, stack_blocks[-1].out_channels
-            else:
-                # As SLEAP: the first decoder input at the head's stride.
-                index = next((i for i, p in enumerate(decoder) if p.in_stride == spec.output_stride), None)
-                if index is None:
-                    strides = sorted({backbone.output_stride, *(p.in_stride for p in decoder)})
-                    raise ValueError(
-                        f"head {spec.name!r} has output_stride {spec.output_stride}, but the backbone only "
-                        f"provides features at strides {strides}."
-                    )
-                route, channels = index, decoder[index].in_channels
-            if spec.name in modules:
-                raise ValueError(f"head names must be unique, {spec.name!r} appears twice.")
-            modules[spec.name] = spec.make_head(channels)
-            self._routes.append((spec.name, spec.stack, route))
-        self.heads = nn.ModuleDict(modules)
-        self._needs_features = any(route is not None for _, _, route in self._routes)
-
-    @property
-    def in_channels(self) -> int:
-        """Channels of the input images."""
-        return self.backbone.in_channels
-
-    @property
-    def maximum_stride(self) -> int:
-        """Input height and width must be multiples of this."""
-        return self.backbone.maximum_stride
-
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise a `ValueError`/`TypeError` naming what is wrong with an input batch."""
-        self.backbone.check_input(x)
-
-    @property
-    def pad_to_stride(self) -> bool:
-        """Accept any input size: pad to the maximum stride and crop the maps back (see UNet)."""
-        return self.backbone.pad_to_stride
-
-    @pad_to_stride.setter
-    def pad_to_stride(self, value: bool) -> None:
-        self.backbone.pad_to_stride = bool(value)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run backbone and heads; returns `{output layer name: tensor}` in output order."""
-        # Heads see the padded features (as SLEAP runs them on padded images); maps are cropped after.
-        outputs, features, size = self.backbone._run_padded(x, keep_features=self._needs_features)
-        result = {}
-        for spec, (name, stack, route) in zip(self.head_specs, self._routes):
-            source = outputs[stack] if route is None else features[stack][route].tensor
-            out = self.heads[name](source)
-            if size is not None and not spec.is_vector:
-                out = crop_to_input(out, spec.output_stride, size)
-            result[name] = out
-        return result
-
-    def to_config(self) -> dict[str, Any]:
-        """Everything needed to rebuild the model (see `flexunet.save`)."""
-        return {"backbone": self.backbone.to_dict(), "heads": [h.to_dict() for h in self.head_specs]}
-
-
-# ----------------------------------------------------------------- JSON reading
-
-
-class _Json:
-    """A value inside a JSON document, remembering its path for error messages."""
-
-    def __init__(self, value: Any, path: str, source: str):
-        self.value, self.path, self.source = value, path, source
-
-    def _join(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def error(self, message: str) -> ValueError:
-        return ValueError(f"{self.source}: {self.path} {message}")
-
-    def section(self, key: str, known: Optional[set] = None, required: bool = True) -> Optional["_Json"]:
-        """A sub-object; warn about keys outside `known`."""
-        if not isinstance(self.value, dict):
-            raise self.error(f"must be a JSON object, got {type(self.value).__name__}.")
-        child = _Json(self.value.get(key), self._join(key), self.source)
-        if child.value is None:
-            if required:
-                raise child.error("is missing.")
-            return None
-        if not isinstance(child.value, dict):
-            raise child.error(f"must be a JSON object, got {type(child.value).__name__}.")
-        if known is not None:
-            for extra in sorted(set(child.value) - known):
-                warnings.warn(f"{self.source}: unknown key {child.path}.{extra} ignored.", stacklevel=4)
-        return child
-
-    def get(self, key: str, kind, default: Any = ..., check=None) -> Any:
-        """A leaf value of Python type(s) `kind`; `default` if absent (else it is required)."""
-        value = self.value.get(key) if isinstance(self.value, dict) else None
-        path = self._join(key)
-        if value is None:
-            if default is ...:
-                raise ValueError(f"{self.source}: {path} is missing.")
-            return default
-        ok = isinstance(value, kind) and not (isinstance(value, bool) and bool not in _tuple(kind))
-        if not ok:
-            names = " or ".join(k.__name__ for k in _tuple(kind))
-            raise ValueError(f"{self.source}: {path} must be {names}, got {value!r}.")
-        if check is not None:
-            problem = check(value)
-            if problem:
-                raise ValueError(f"{self.source}: {path} {problem}, got {value!r}.")
-        return value
-
-
-def _tuple(kind) -> tuple:
-    return kind if isinstance(kind, tuple) else (kind,)
-
-
 def _names_check(value) -> Optional[str]:
     if not all(isinstance(v, (str, type(None))) for v in value):
         return "must be a list of names"
@@ -197,7 +57,7 @@ def _stride_check(value) -> Optional[str]:
     return None if value >= 1 and not value & (value - 1) else "must be a power of two"
 
 
-def _count(section: _Json, key: str) -> Optional[int]:
+def _count(section: ConfigNode, key: str) -> Optional[int]:
     """len() of a list entry (part names, edges, classes), or None when it is null."""
     value = section.get(key, list, default=None, check=_names_check if key != "edges" else None)
     return None if value is None else len(value)
@@ -211,7 +71,7 @@ def unet_config_from_training_config(config: dict, source: str = "training_confi
 def _backbone_and_heads(config: Any, source: str) -> tuple[UNetConfig, list[dict]]:
     if not isinstance(config, dict):
         raise ValueError(f"{source} must hold a JSON object, got {type(config).__name__}.")
-    model = _Json(config, "", source).section("model")
+    model = ConfigNode(config, "", source).section("model")
     backbone = model.section("backbone", set(BACKBONES))
     chosen = [k for k in BACKBONES if backbone.value.get(k) is not None]
     if chosen != ["unet"]:
@@ -241,7 +101,7 @@ def _backbone_and_heads(config: Any, source: str) -> tuple[UNetConfig, list[dict
         raise ValueError(f"{source}: model.backbone.unet: {err}") from None
 
 
-def _head_entries(heads: _Json) -> list[dict]:
+def _head_entries(heads: ConfigNode) -> list[dict]:
     """Heads in SLEAP's output order: kind, channels (None if unknown), stride, extras."""
     chosen = [k for k in _HEAD_SECTIONS if heads.value.get(k) is not None]
     if len(chosen) != 1:
@@ -251,7 +111,7 @@ def _head_entries(heads: _Json) -> list[dict]:
     key = chosen[0]
     stride = lambda sec: sec.get("output_stride", int, check=_stride_check)  # noqa: E731
 
-    def confmaps(sec: _Json, kind: str) -> list[dict]:
+    def confmaps(sec: ConfigNode, kind: str) -> list[dict]:
         if kind == "CentroidConfmapsHead":
             channels, parts = 1, 1
         else:
@@ -369,12 +229,45 @@ def _keras_outputs(model_config: Optional[dict]) -> tuple[Optional[list[str]], d
     return names, activations
 
 
-def load_model(model_dir: str | os.PathLike) -> SleapModel:
-    """Load a SLEAP model folder (`training_config.json` + `best_model.h5`).
+KERAS_FILES = ("training_config.json", "best_model.h5")
+SLEAP_NN_FILES = (sleap_nn.CONFIG_FILE, sleap_nn.CHECKPOINT_FILE)
 
-    The backbone comes from `model.backbone.unet` with the output stride SLEAP
-    derives from the heads; the heads from `model.heads`; the input channels,
-    head names and any sizes the config leaves open from the weights.
+
+def folder_kind(model_dir: str | os.PathLike) -> Optional[str]:
+    """"keras" (SLEAP <= 1.4), "sleap_nn" (SLEAP >= 1.5) or None, told apart by the weights file.
+
+    Raises:
+        ValueError: the folder holds both `best_model.h5` and `best.ckpt`.
+    """
+    model_dir = os.fspath(model_dir)
+    keras = os.path.isfile(os.path.join(model_dir, KERAS_FILES[1]))
+    torch_ckpt = os.path.isfile(os.path.join(model_dir, SLEAP_NN_FILES[1]))
+    if keras and torch_ckpt:
+        raise ValueError(f"{model_dir} holds both a Keras model ({KERAS_FILES[1]}) and a sleap-nn checkpoint "
+                         f"({SLEAP_NN_FILES[1]}); put them in separate folders.")
+    if keras or torch_ckpt:
+        return "keras" if keras else "sleap_nn"
+    # No weights: the config names the kind, so the error can name the missing weights file.
+    if os.path.isfile(os.path.join(model_dir, SLEAP_NN_FILES[0])):
+        return "sleap_nn"
+    if os.path.isfile(os.path.join(model_dir, KERAS_FILES[0])):
+        return "keras"
+    return None
+
+
+def load_model(model_dir: str | os.PathLike) -> SleapModel:
+    """Load a trained SLEAP model folder, from SLEAP's Keras era or from sleap-nn.
+
+    * SLEAP <= 1.4 (`training_config.json` + `best_model.h5`): the backbone comes
+      from `model.backbone.unet` with the output stride SLEAP derives from the
+      heads, the heads from `model.heads`; input channels, head names and any
+      sizes the config leaves open from the weights. Keras numerics; outputs keyed
+      by the Keras output layer names.
+    * SLEAP >= 1.5 (`training_config.yaml` + `best.ckpt`, trained by sleap-nn):
+      see `flexunet.sleap_nn.load_sleap_nn_model`. sleap-nn numerics; outputs
+      keyed by sleap-nn's head names.
+
+    The kind is told apart by the weights file; each runs with its own numerics.
 
     Args:
         model_dir: The model folder.
@@ -383,15 +276,20 @@ def load_model(model_dir: str | os.PathLike) -> SleapModel:
         A `SleapModel` in eval mode with the trained weights.
 
     Raises:
-        FileNotFoundError: the folder, `training_config.json` or `best_model.h5` is missing.
-        ValueError: the config is malformed or not a UNet, or the weights disagree
-            with it (the message lists the layers).
+        FileNotFoundError: the folder or one of its files is missing.
+        ValueError: the config is malformed or not a UNet, the weights file is
+            damaged or unsafe, or the weights disagree with the config (the message
+            names the file and lists the layers).
     """
     model_dir = os.fspath(model_dir)
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"SLEAP model folder not found: {model_dir}")
+    kind = folder_kind(model_dir)
+    if kind is None:
+        raise FileNotFoundError(f"{model_dir} is not a SLEAP model folder: it has neither "
+                                f"{' + '.join(KERAS_FILES)} (SLEAP <= 1.4) nor {' + '.join(SLEAP_NN_FILES)} (sleap-nn).")
     try:
-        return _load_model(model_dir)
+        return _load_model(model_dir) if kind == "keras" else sleap_nn.load_sleap_nn_model(model_dir)
     except (ValueError, TypeError) as err:
         message = str(err)
         if model_dir not in message:
@@ -401,8 +299,7 @@ def load_model(model_dir: str | os.PathLike) -> SleapModel:
 
 def _load_model(model_dir: str) -> SleapModel:
     """`load_model` once the folder is known to exist."""
-    config_path = os.path.join(model_dir, "training_config.json")
-    weights_path = os.path.join(model_dir, "best_model.h5")
+    config_path, weights_path = (os.path.join(model_dir, name) for name in KERAS_FILES)
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"SLEAP model folder {model_dir} has no {os.path.basename(path)} ({path}).")
@@ -432,5 +329,5 @@ def _load_model(model_dir: str) -> SleapModel:
     return model.eval()
 
 
-__all__ = ["IntermediateFeature", "SleapModel", "load_model", "model_from_training_config",
+__all__ = ["IntermediateFeature", "SleapModel", "folder_kind", "load_model", "model_from_training_config",
            "unet_config_from_training_config"]

@@ -10,7 +10,8 @@ from typing import Any, Optional
 from flexunet.blocks import PoolingBlock, SimpleConvBlock, SimpleUpsamplingBlock
 from flexunet.config import UNetConfig
 from flexunet.encoder_decoder import EncoderDecoder
-from flexunet.validation import check_bool, check_int, check_keys, check_positive_number
+from flexunet.layers import ALIGNMENTS
+from flexunet.validation import check_bool, check_choice, check_int, check_keys, check_positive_number
 
 
 # Upper bounds that keep a typo (down_blocks=400) from building for hours.
@@ -43,6 +44,12 @@ class UNet(EncoderDecoder):
             of the middle and decoder blocks, as CARE does.
         stacks: Number of stacked encoder-decoders (needs output stride == stem stride).
         in_channels: Channels of the input images.
+        alignment: The numerics of the transposed convolutions: "keras" (SLEAP <= 1.4,
+            TensorFlow's 'same' crop, kernel `kernel_size`) or "sleap_nn" (SLEAP >= 1.5,
+            sleap-nn's `ConvTranspose2d(kernel 3, stride 2, padding 1, output_padding 1)`:
+            kernel 3 whatever `kernel_size`, the odd pixel cropped at the top/left).
+            Interpolating decoders are the same under both. Run a trained model with
+            the alignment it was trained with.
 
     Example:
         >>> model = UNet(filters=16, down_blocks=3, up_blocks=3)
@@ -65,8 +72,10 @@ class UNet(EncoderDecoder):
         block_contraction: bool = False,
         stacks: int = 1,
         in_channels: int = 1,
+        alignment: str = "keras",
     ):
         super().__init__(stacks=stacks, in_channels=in_channels)
+        self.alignment = check_choice("alignment", alignment, ALIGNMENTS)
         self.filters = check_int("filters", filters, minimum=1)
         self.filters_rate = check_positive_number("filters_rate", filters_rate)
         self.kernel_size = check_int("kernel_size", kernel_size, minimum=1, maximum=MAX_KERNEL)
@@ -167,8 +176,10 @@ class UNet(EncoderDecoder):
                     upsampling_stride=2,
                     transposed_conv=not self.up_interpolate,
                     transposed_conv_filters=filters_in,
-                    transposed_conv_kernel_size=self.kernel_size,
+                    # sleap-nn's decoder always upsamples with a 3x3 kernel.
+                    transposed_conv_kernel_size=3 if self.alignment == "sleap_nn" else self.kernel_size,
                     transposed_conv_batch_norm=False,
+                    alignment=self.alignment,
                     interp_method="bilinear",
                     skip_connection=True,
                     skip_add=False,
@@ -185,7 +196,7 @@ class UNet(EncoderDecoder):
     PARAMS = (
         "filters", "filters_rate", "kernel_size", "stem_kernel_size", "convs_per_block", "stem_blocks",
         "down_blocks", "middle_block", "up_blocks", "up_interpolate", "block_contraction", "stacks",
-        "in_channels",
+        "in_channels", "alignment",
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -205,12 +216,13 @@ class UNet(EncoderDecoder):
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_config(cls, config: UNetConfig, in_channels: int = 1) -> "UNet":
+    def from_config(cls, config: UNetConfig, in_channels: int = 1, alignment: str = "keras") -> "UNet":
         """Build the UNet a SLEAP `UNetConfig` describes (SLEAP's mapping).
 
         Args:
             config: Stride-based description.
             in_channels: Channels of the input images.
+            alignment: "keras" or "sleap_nn" (see `UNet`).
         """
         if isinstance(config, dict):
             config = UNetConfig.from_dict(config)
@@ -230,6 +242,7 @@ class UNet(EncoderDecoder):
             up_interpolate=config.up_interpolate,
             stacks=config.stacks,
             in_channels=in_channels,
+            alignment=alignment,
         )
 
     def extra_repr(self) -> str:

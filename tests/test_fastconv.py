@@ -39,6 +39,33 @@ def test_transposed_conv_matches_tf(kernel, stride, grad):
         torch.testing.assert_close(xt.grad, x2.grad)
 
 
+@pytest.mark.parametrize("kernel,stride", [(3, 2), (5, 2), (5, 3), (7, 4), (3, 1), (3, 3), (1, 2)])
+@pytest.mark.parametrize("path", ["fast", "plain"])
+def test_sleap_nn_alignment_is_pytorchs_symmetric_padding(kernel, stride, path):
+    """alignment="sleap_nn" equals nn.ConvTranspose2d(padding=(k-1)//2, output_padding=s-1), as sleap-nn builds it."""
+    torch.manual_seed(0)
+    layer = ConvTranspose2dSame(4, 6, kernel, stride, alignment="sleap_nn")
+    ref = torch.nn.ConvTranspose2d(4, 6, kernel, stride, padding=(kernel - 1) // 2, output_padding=stride - 1)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.rand(2, 4, 5, 7)
+    with torch.set_grad_enabled(path == "plain"):  # eager inference takes the fast path
+        y = layer(x)
+    torch.testing.assert_close(y, ref(x), atol=1e-5, rtol=1e-5)
+    keras = ConvTranspose2dSame(4, 6, kernel, stride)
+    keras.load_state_dict(layer.state_dict())
+    # Apart where the crops differ (SLEAP's k=3, s=2: one pixel), equal elsewhere (k <= s, k=3 s=1).
+    assert torch.allclose(keras(x), y, atol=1e-5) == (layer.crop_start == keras.crop_start)
+
+
+def test_sleap_nn_alignment_needs_an_odd_kernel():
+    with pytest.raises(ValueError, match="alignment='sleap_nn' needs an odd kernel size.*kernel_size=2"):
+        ConvTranspose2dSame(4, 6, 2, 2, alignment="sleap_nn")
+    with pytest.raises(ValueError, match="alignment must be one of 'keras', 'sleap_nn'; got 'tf'"):
+        ConvTranspose2dSame(4, 6, 3, 2, alignment="tf")
+    with pytest.raises(ValueError, match="SimpleUpsamplingBlock.alignment='sleap_nn' needs an odd"):
+        flexunet.SimpleUpsamplingBlock(transposed_conv=True, transposed_conv_kernel_size=4, alignment="sleap_nn")
+
+
 @pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("size", [(8, 8), (5, 7), (12, 4)])
 def test_winograd_is_exact_in_float64(tile, size):

@@ -57,7 +57,7 @@ def test_only_flexunet_architectures_are_saved_with_a_format_version(tmp_path):
     model = SleapModel(flexunet.UNet(filters=4, down_blocks=2, up_blocks=1), [
         HeadSpec("CentroidConfmapsHead", "CentroidConfmapsHead_0", 1, 2)])
     flexunet.save(model, tmp_path / "m")
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["format_version"] == 1
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["format_version"] == flexunet.serialization.FORMAT_VERSION == 2
 
 
 def test_newer_format_version_is_refused(tmp_path):
@@ -101,3 +101,18 @@ def test_missing_directory_and_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         flexunet.load(tmp_path / "empty")
+
+
+def test_version_1_files_still_load(tmp_path):
+    """Files written before `alignment` existed load as Keras-aligned models."""
+    model = flexunet.UNet(filters=4, down_blocks=2, up_blocks=2)
+    flexunet.save(model, tmp_path / "m")
+    path = tmp_path / "m" / "config.json"
+    config = json.loads(path.read_text())
+    config["format_version"] = 1
+    del config["unet"]["alignment"]
+    path.write_text(json.dumps(config))
+    loaded = flexunet.load(tmp_path / "m")
+    assert loaded.alignment == "keras"
+    x = torch.rand(1, 1, 16, 16)
+    assert torch.equal(loaded.eval()(x), model.eval()(x))

@@ -1,0 +1,83 @@
+"""Read nested config documents with errors that name the file and the dotted path."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any, Optional
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file; a missing file is `FileNotFoundError`, bad JSON a `ValueError` naming it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf8") as f:
+            return json.load(f)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a UTF-8 JSON file: {err}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
+class ConfigNode:
+    """A value inside a parsed JSON or YAML document, remembering its dotted path.
+
+    Errors name the file and the path (`model.backbone.unet.max_stride is
+    missing`); unknown keys in a section are warned about, not refused, so files
+    written by newer versions still load.
+    """
+
+    def __init__(self, value: Any, path: str, source: str):
+        self.value, self.path, self.source = value, path, source
+
+    @property
+    def _object(self) -> str:
+        return "a mapping" if self.source.endswith((".yaml", ".yml")) else "a JSON object"
+
+    def _join(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, message: str) -> ValueError:
+        return ValueError(f"{self.source}: {self.path} {message}")
+
+    def section(self, key: str, known: Optional[set] = None, required: bool = True) -> Optional["ConfigNode"]:
+        """A sub-object; warn about keys outside `known`."""
+        if not isinstance(self.value, dict):
+            raise self.error(f"must be {self._object}, got {type(self.value).__name__}.")
+        child = ConfigNode(self.value.get(key), self._join(key), self.source)
+        if child.value is None:
+            if required:
+                raise child.error("is missing.")
+            return None
+        if not isinstance(child.value, dict):
+            raise child.error(f"must be {self._object}, got {type(child.value).__name__}.")
+        if known is not None:
+            # A null says nothing: newer versions list sections they leave unset.
+            for extra in sorted(k for k in set(child.value) - known if child.value[k] is not None):
+                warnings.warn(f"{self.source}: unknown key {child.path}.{extra} ignored.", stacklevel=4)
+        return child
+
+    def get(self, key: str, kind, default: Any = ..., check=None) -> Any:
+        """A leaf value of Python type(s) `kind`; `default` if absent (else it is required)."""
+        value = self.value.get(key) if isinstance(self.value, dict) else None
+        path = self._join(key)
+        if value is None:
+            if default is ...:
+                raise ValueError(f"{self.source}: {path} is missing.")
+            return default
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and bool not in _tuple(kind))
+        if not ok:
+            names = " or ".join(k.__name__ for k in _tuple(kind))
+            raise ValueError(f"{self.source}: {path} must be {names}, got {value!r}.")
+        if check is not None:
+            problem = check(value)
+            if problem:
+                raise ValueError(f"{self.source}: {path} {problem}, got {value!r}.")
+        return value
+
+
+def _tuple(kind) -> tuple:
+    return kind if isinstance(kind, tuple) else (kind,)
