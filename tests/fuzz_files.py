@@ -21,16 +21,18 @@ import sys
 import tempfile
 import time
 import traceback
+import zipfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flexunet  # noqa: E402
-from tests.conftest import BACKBONES, SLEAP_MODELS  # noqa: E402
+from tests.conftest import BACKBONES, REFERENCE, SLEAP_MODELS  # noqa: E402
 
 TINY = dict(filters=8, filters_rate=2, down_blocks=4, up_blocks=4)
 DOCUMENTED = (OSError, ValueError)
@@ -179,6 +181,60 @@ def mutate_json(path: Path, rng: random.Random, focus: tuple = ()) -> str:
     return f"json {kind} {'.'.join(map(str, focus + target))}"
 
 
+def mutate_yaml(path: Path, rng: random.Random) -> str:
+    """Damage a sleap-nn training_config.yaml: its bytes, or one value inside `model_config`."""
+    if rng.random() < 0.3:
+        return rng.choice([flip_bytes, truncate, replace_with_text])(path, rng)
+    data = yaml.safe_load(path.read_text())
+    json_path = path.with_suffix(".json")
+    json_path.write_text(json.dumps(data))
+    what = mutate_json(json_path, _NoBytes(rng), focus=("model_config",))
+    path.write_text(yaml.safe_dump(json.loads(json_path.read_text())))
+    json_path.unlink()
+    return what.replace("json", "yaml", 1)
+
+
+class _NoBytes(random.Random):
+    """A generator whose first draw steers `mutate_json` past its byte-level damage."""
+
+    def __init__(self, rng: random.Random):
+        super().__init__(rng.getrandbits(64))
+        self._first = True
+
+    def random(self):
+        if self._first:
+            self._first = False
+            return 1.0
+        return super().random()
+
+
+def mutate_checkpoint(path: Path, rng: random.Random) -> str:
+    """Damage a Lightning checkpoint: the zip's bytes, its pickle, or one tensor's storage."""
+    if rng.random() < 0.4:
+        return rng.choice([flip_bytes, truncate, zero_block])(path, rng)
+    with zipfile.ZipFile(path) as z:
+        entries = [(info, z.read(info.filename)) for info in z.infolist()]
+    pickles = [i for i, (info, _) in enumerate(entries) if info.filename.endswith("data.pkl")]
+    storages = [i for i, (info, _) in enumerate(entries) if "/data/" in info.filename]
+    index = rng.choice(pickles if rng.random() < 0.5 else storages)
+    info, data = entries[index]
+    data = bytearray(data)
+    kind = rng.choice(["flip", "truncate", "extend"])
+    if kind == "flip" and data:
+        for _ in range(rng.randint(1, 8)):
+            i = rng.randrange(len(data))
+            data[i] ^= 1 << rng.randrange(8)
+    elif kind == "truncate":
+        data = data[: rng.randrange(len(data) + 1)]
+    else:
+        data += bytes(rng.randint(1, 64))
+    entries[index] = (info, bytes(data))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for info, content in entries:
+            z.writestr(info, content)
+    return f"checkpoint {kind} {info.filename}"
+
+
 # ------------------------------------------------------------------------- targets
 
 
@@ -209,6 +265,18 @@ def run_sleap_folder(work: Path, rng: random.Random) -> str:
     else:
         damaged = folder / "training_config.json"
         what = mutate_json(damaged, rng, focus=("model",))
+    return _load_and_run(flexunet.sleap.load_model, folder, damaged, what, side=32)
+
+
+def run_sleap_nn_folder(work: Path, rng: random.Random) -> str:
+    folder = work / "model"
+    shutil.copytree(REFERENCE / "sleapnn_models" / "minimal_instance_bottomup", folder)
+    if rng.random() < 0.5:
+        damaged = folder / "best.ckpt"
+        what = mutate_checkpoint(damaged, rng)
+    else:
+        damaged = folder / "training_config.yaml"
+        what = mutate_yaml(damaged, rng)
     return _load_and_run(flexunet.sleap.load_model, folder, damaged, what, side=32)
 
 
@@ -243,7 +311,8 @@ def _names_file(err: Exception, path: Path, what: str, also: Path | None = None)
         raise AssertionError(f"error does not name the file ({what}): {type(err).__name__}: {text}") from err
 
 
-TARGETS = {"keras_backbone": run_backbone, "sleap_folder": run_sleap_folder, "native": run_native}
+TARGETS = {"keras_backbone": run_backbone, "sleap_folder": run_sleap_folder, "sleap_nn_folder": run_sleap_nn_folder,
+           "native": run_native}
 
 
 def main(argv=None) -> int:

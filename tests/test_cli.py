@@ -96,3 +96,30 @@ def test_convert_sleap_folder_to_native_and_onnx(reference, tmp_path):
         assert "largest difference" in result.stdout
         difference = float(result.stdout.split("largest difference ")[1].split()[0])
         assert difference <= 1e-4
+
+
+SLEAP_NN = SLEAP_MODELS.parent / "sleapnn_models"
+
+
+@pytest.mark.parametrize("target", ["minimal_instance_bottomup", "minimal_instance_bottomup/training_config.yaml"])
+def test_summary_of_a_sleap_nn_folder_or_its_yaml(reference, capsys, target):
+    assert main(["summary", "--config", str(SLEAP_NN / target), "--input-shape", "96", "96", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "PartAffinityFieldsHead" in out and "24x24x2" in out and "MultiInstanceConfmapsHead" in out
+    assert "output stride: 2" in out and "total parameters: 150,648" in out  # sleap-nn's own total_params
+
+
+def test_summary_of_a_lone_sleap_nn_yaml(reference, tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text((SLEAP_NN / "v035_centroid_unet" / "training_config.yaml").read_text())
+    assert main(["summary", "--config", str(config)]) == 0
+    assert "total parameters: 1,953,105" in capsys.readouterr().out  # sleap-nn's own total_params
+
+
+@pytest.mark.parametrize("name", ["minimal_instance_centroid", "minimal_instance_multiclass_centered_instance"])
+def test_convert_sleap_nn_folder_to_native_and_onnx(reference, tmp_path, name):
+    for out in (tmp_path / "native", tmp_path / "model.onnx"):
+        result = run("convert", str(SLEAP_NN / name), str(out))
+        assert result.returncode == 0, result.stderr
+        difference = float(result.stdout.split("largest difference ")[1].split()[0])
+        assert difference <= 1e-4

@@ -282,15 +282,15 @@ FUZZ = Path(__file__).resolve().parent / "fuzz_files.py"
 
 
 def test_fuzzed_files_load_or_fail_cleanly(reference, tmp_path):
-    """300 damaged copies of the reference files, in a child process: no crash, no hang, no stray error."""
+    """400 damaged copies of the reference files, in a child process: no crash, no hang, no stray error."""
     out = tmp_path / "summary.json"
-    result = subprocess.run([sys.executable, str(FUZZ), "--seed", "0", "--cases", "300", "--out", str(out)],
+    result = subprocess.run([sys.executable, str(FUZZ), "--seed", "0", "--cases", "400", "--out", str(out)],
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(out.read_text())
     assert summary["unexpected"] == []
     assert summary["slowest_case_s"] < 30
     counts = summary["counts"]
-    assert sum(sum(c.values()) for c in counts.values()) == 300
-    for target in ("keras_backbone", "sleap_folder", "native"):
+    assert sum(sum(c.values()) for c in counts.values()) == 400
+    for target in ("keras_backbone", "sleap_folder", "sleap_nn_folder", "native"):
         assert counts[target].get("ValueError", 0) > 0 and counts[target].get("loaded and ran", 0) > 0
