@@ -44,6 +44,31 @@ class IntermediateFeature(NamedTuple):
     stride: int
 
 
+class BackboneRun(NamedTuple):
+    """What `EncoderDecoder.run` returns.
+
+    Attributes:
+        outputs: One output per stack.
+        features: Per stack, the input of every decoder block (empty unless asked for).
+        input_size: The (H, W) the input had before `pad_to_stride` padded it, else None.
+        output_stride: Stride of the outputs.
+    """
+
+    outputs: list[torch.Tensor]
+    features: list[list[IntermediateFeature]]
+    input_size: Optional[tuple[int, int]]
+    output_stride: int
+
+    def cropped(self) -> "BackboneRun":
+        """Outputs and features cropped to the part that covers the unpadded input."""
+        if self.input_size is None:
+            return self
+        size = self.input_size
+        return BackboneRun([crop_to_input(o, self.output_stride, size) for o in self.outputs],
+                           [[IntermediateFeature(crop_to_input(f.tensor, f.stride, size), f.stride) for f in stack]
+                            for stack in self.features], None, self.output_stride)
+
+
 @dataclass(frozen=True)
 class PlacedBlock:
     """A block spec placed in the network: its name, channels, strides and skip wiring.
@@ -259,14 +284,9 @@ class EncoderDecoder(nn.Module):
         self._input_multiple = self.maximum_stride  # cached: forward must not rebuild the specs
         self._output_stride = self.output_stride
         self.out_channels = self._plan[-1].out_channels if self._plan else self.in_channels
-        # Per-stack execution order, as plain lists of (name, flags) for a readable forward.
-        self._stem_names = [p.name for p in self._plan if p.section == "stem"]
-        self._stacks = []
-        for s in range(self.stacks):
-            enc = [(p.name, p.saves_skip) for p in self._plan if p.section == "encoder" and p.stack == s]
-            dec = [(p.name, p.skip_source, p.in_stride) for p in self._plan
-                   if p.section == "decoder" and p.stack == s]
-            self._stacks.append((enc, dec))
+        # Execution order: the stem once, then each stack's blocks (encoder, then decoder).
+        self._stem = [p for p in self._plan if p.section == "stem"]
+        self._stack_blocks = [[p for p in self._plan if p.stack == s] for s in range(self.stacks)]
 
     def num_params_from_specs(self) -> int:
         """Total trainable parameters computed from the specs, without building modules."""
@@ -301,79 +321,69 @@ class EncoderDecoder(nn.Module):
                     f"nearest valid sizes: {lo} or {hi} (or set model.pad_to_stride = True)."
                 )
 
-    def _run(self, x: torch.Tensor, keep_features: bool):
-        """Run on `x`; with `pad_to_stride`, outputs are cropped back (see `_run_padded`)."""
-        outputs, features, size = self._run_padded(x, keep_features)
-        if size is None:
-            return outputs, features
-        outputs = [crop_to_input(o, self._output_stride, size) for o in outputs]
-        features = [[IntermediateFeature(crop_to_input(f.tensor, f.stride, size), f.stride) for f in stack]
-                    for stack in features]
-        return outputs, features
+    def run(self, x: torch.Tensor, keep_features: bool = False) -> "BackboneRun":
+        """Run the network for callers that need more than `forward` (heads, export).
 
-    def _run_padded(self, x: torch.Tensor, keep_features: bool):
-        """Run on `x`, padded at the bottom/right to the maximum stride when `pad_to_stride` is set.
+        With `pad_to_stride` the input is zero-padded at the bottom/right and the
+        outputs cover the padded image; `BackboneRun.input_size` then holds the
+        size to crop back to (`BackboneRun.cropped`).
 
-        Returns:
-            (outputs, features, size): `size` is the input's (H, W) when it was padded
-            (outputs then cover the padded image), else None.
+        Args:
+            x: (N, in_channels, H, W) images.
+            keep_features: Also return every decoder block's input.
         """
         self.check_input(x)
-        size = None
-        if self.pad_to_stride:
-            stride = self._input_multiple
-            h, w = x.shape[2], x.shape[3]
-            pad_h, pad_w = -h % stride, -w % stride
-            if pad_h or pad_w:
-                # Zeros at the bottom/right, as SLEAP's preprocessing pads images.
-                x, size = F.pad(x, (0, pad_w, 0, pad_h)), (h, w)
-        weight_dtype = self._parameter_dtype()
+        x, size = self._pad_to_stride(x)
+        weight_dtype = next((p.dtype for p in self.parameters()), None)
         if weight_dtype is not None and x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(weight_dtype)  # e.g. float64 images into a float32 model
-        # Channels-last memory lets oneDNN and the GEMM paths run without layout copies.
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)  # the layout every kernel runs on without copies
         mode = self.checkpointing if self.training and torch.is_grad_enabled() else None
         call = self._checkpointed if mode == "block" else self._call
-        for name in self._stem_names:
-            x = call(name, x)
-        stem_out = [x] if self._stem_names else []
+        for block in self._stem:
+            x = call(block, x)
+        stem_sources = [x] if self._stem else []
         outputs, features = [], []
-        for index in range(len(self._stacks)):
+        for blocks in self._stack_blocks:
             if mode == "stack":
-                x, *stack_features = checkpoint(self._run_stack, index, x, stem_out, keep_features, self._call,
-                                                use_reentrant=False)
+                x, stack_features = checkpoint(self._run_stack, blocks, x, stem_sources, keep_features, self._call,
+                                               use_reentrant=False)
             else:
-                x, *stack_features = self._run_stack(index, x, stem_out, keep_features, call)
+                x, stack_features = self._run_stack(blocks, x, stem_sources, keep_features, call)
             outputs.append(x)
-            strides = [stride for _, _, stride in self._stacks[index][1]]
-            features.append([IntermediateFeature(t, s) for t, s in zip(stack_features, strides)])
-        return outputs, features, size
+            features.append(stack_features)
+        return BackboneRun(outputs, features, size, self._output_stride)
 
-    def _parameter_dtype(self) -> Optional[torch.dtype]:
-        for p in self.parameters():
-            return p.dtype
-        return None
+    def _run_stack(self, blocks: list[PlacedBlock], x: torch.Tensor, stem_sources: list, keep_features: bool, call):
+        """One stack: encoder blocks keep their skip sources, decoder blocks take theirs."""
+        sources = list(stem_sources)
+        features = []
+        for block in blocks:
+            if block.section == "encoder":
+                x = call(block, x)
+                if block.saves_skip:
+                    sources.append(x)
+            else:
+                if keep_features:
+                    features.append(IntermediateFeature(x, block.in_stride))
+                x = call(block, x, None if block.skip_source is None else sources[block.skip_source])
+        return x, features
 
-    def _run_stack(self, index: int, x: torch.Tensor, stem_out: list, keep_features: bool, call):
-        """One stack: encoder, then decoder with skips; returns (output, *decoder inputs)."""
-        enc, dec = self._stacks[index]
-        sources = list(stem_out)
-        for name, saves_skip in enc:
-            x = call(name, x)
-            if saves_skip:
-                sources.append(x)
-        decoder_inputs = []
-        for name, src, _ in dec:
-            if keep_features:
-                decoder_inputs.append(x)
-            x = call(name, x, None if src is None else sources[src])
-        return (x, *decoder_inputs)
+    def _pad_to_stride(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[tuple[int, int]]]:
+        """With `pad_to_stride`: zeros at the bottom/right up to the stride (as SLEAP pads), and the original size."""
+        if not self.pad_to_stride:
+            return x, None
+        stride, (h, w) = self._input_multiple, x.shape[2:]
+        pad_h, pad_w = -h % stride, -w % stride
+        if not (pad_h or pad_w):
+            return x, None
+        return F.pad(x, (0, pad_w, 0, pad_h)), (h, w)  # (N, C, H + pad_h, W + pad_w)
 
-    def _call(self, name: str, *args):
-        return self.blocks[name](*args)
+    def _call(self, block: PlacedBlock, *args):
+        return self.blocks[block.name](*args)
 
-    def _checkpointed(self, name: str, *args):
-        return checkpoint(self.blocks[name], *args, use_reentrant=False)
+    def _checkpointed(self, block: PlacedBlock, *args):
+        return checkpoint(self.blocks[block.name], *args, use_reentrant=False)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:
         """Run the network on `x` of shape (N, in_channels, H, W).
@@ -382,7 +392,7 @@ class EncoderDecoder(nn.Module):
             The output (N, out_channels, H / output_stride, W / output_stride), or a
             list with one such tensor per stack when `stacks > 1`.
         """
-        outputs, _ = self._run(x, keep_features=False)
+        outputs = self.run(x).cropped().outputs
         return outputs[0] if self.stacks == 1 else outputs
 
     def forward_intermediates(self, x: torch.Tensor):
@@ -393,7 +403,7 @@ class EncoderDecoder(nn.Module):
             (one per decoder block, in order) or, with `stacks > 1`, a list of such
             lists, one per stack; as SLEAP's `make_backbone` returns them.
         """
-        outputs, features = self._run(x, keep_features=True)
+        outputs, features, _, _ = self.run(x, keep_features=True).cropped()
         if self.stacks == 1:
             return outputs[0], features[0]
         return outputs, features

@@ -106,7 +106,7 @@ class SleapModel(nn.Module):
         """Run backbone and heads; returns `{output layer name: tensor}` in output order."""
         x = self._convert(x)
         # Heads see the padded features (as SLEAP runs them on padded images); maps are cropped after.
-        outputs, features, size = self.backbone._run_padded(x, keep_features=self._needs_features)
+        outputs, features, size, _ = self.backbone.run(x, keep_features=self._needs_features)
         result = {}
         for spec, (name, stack, route) in zip(self.head_specs, self._routes):
             source = outputs[stack] if route is None else features[stack][route].tensor

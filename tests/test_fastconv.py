@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import flexunet
-from flexunet import fastconv, native
+from flexunet import kernels
+from flexunet.kernels import fastconv, native, ops
 from flexunet.layers import Conv2dSame, ConvTranspose2dSame
 from tests import tf_oracle
 
@@ -93,14 +94,13 @@ def test_conv_layer_uses_winograd_and_stays_exact(fused, monkeypatch):
     elif not native.available():
         pytest.skip("native kernels unavailable here (no C compiler)")
     layer = Conv2dSame(256, 256, 3).eval()
-    assert layer.winograd and layer.large and not Conv2dSame(128, 256, 3).large
     x = torch.randn(2, 256, 12, 20).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         fast = layer(x)
         reference = F.conv2d(x.double(), layer.weight.double(), layer.bias.double(), padding=1)
     assert float((fast.double() - reference).abs().max() / reference.abs().max()) < 5e-5  # F(4x4, 3x3) in float32
-    assert layer._winograd_cache is not None  # the transformed kernel is cached for inference
-    assert layer._winograd_cache[0][1] == fused
+    # The transformed kernel is cached for inference.
+    assert ops.CACHE.kinds(layer.weight) == [("winograd" if fused else "torch-winograd", torch.float32)]
     with torch.no_grad():
         layer.weight.mul_(2)  # an in-place update invalidates the cache
         again = layer(x)
@@ -115,7 +115,7 @@ def test_unet_fast_path_equals_the_plain_path(monkeypatch):
     x = torch.rand(2, 1, 48, 48)
     with torch.inference_mode():
         fast = model(x)
-        monkeypatch.setattr(fastconv, "use_fast_path", lambda x: False)
+        monkeypatch.setattr(kernels, "_eligible", lambda x: False)
         plain = model(x)
     assert float((fast - plain).abs().max() / plain.abs().max()) < 1e-5
 

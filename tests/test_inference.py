@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import flexunet
-from flexunet import inference, native
+from flexunet import inference
+from flexunet.kernels import native
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import flexunet
-from flexunet import native
+from flexunet.kernels import native
 
 if native._compiler() is None and not os.environ.get("CI"):
     pytest.skip("no C compiler here: the cache is never written", allow_module_level=True)

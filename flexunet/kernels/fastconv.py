@@ -12,9 +12,9 @@ runs near the machine's peak:
   over the transformed tiles need 4x (2.25x) fewer multiply-adds, and each
   tile transform is one GEMM with a Kronecker product of 1-D transforms.
 
-The layers in `flexunet.layers` call these in eager mode on CPU when they pay
-off (see `use_fast_path`) and the native kernels of `flexunet.native` are not
-available; tracing and export see the plain PyTorch ops.
+They are the pure-PyTorch implementations behind the `flexunet::` operators
+(`flexunet.kernels.ops`) where the native kernels (`flexunet.kernels.native`)
+do not apply: no C compiler, or channel counts the native kernels do not take.
 """
 
 from __future__ import annotations
@@ -47,21 +47,10 @@ def winograd_tile(dtype: torch.dtype) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _winograd_matrices(tile: int, dtype: torch.dtype):
-    """2-D transforms as Kronecker products: input (a*a, a*a), kernel (a*a, 9), output (m*m, a*a)."""
+def winograd_matrices(tile: int, dtype: torch.dtype):
+    """Winograd F(tile, 3) 2-D transforms as Kronecker products: input (a*a, a*a), kernel (a*a, 9), output (m*m, a*a)."""
     bt, g, at = (torch.tensor(m, dtype=torch.float64) for m in _TRANSFORMS[tile])
     return tuple(torch.kron(m, m).to(dtype) for m in (bt, g, at))
-
-
-def use_fast_path(x: torch.Tensor) -> bool:
-    """True in eager CPU execution of float32/bfloat16 tensors (not while tracing or compiling)."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-    )
 
 
 def winograd_kernel(weight: torch.Tensor, tile: int = 4) -> torch.Tensor:
@@ -72,7 +61,7 @@ def winograd_kernel(weight: torch.Tensor, tile: int = 4) -> torch.Tensor:
     """
     cout, cin = weight.shape[:2]
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    _, gg, _ = _winograd_matrices(tile, work)
+    _, gg, _ = winograd_matrices(tile, work)
     u = gg @ weight.to(work).permute(2, 3, 1, 0).reshape(9, cin * cout)
     return u.view(-1, cin, cout).to(weight.dtype)
 
@@ -90,7 +79,7 @@ def _winograd_input(x: torch.Tensor, m: int) -> tuple[torch.Tensor, _Tiles]:
     """Input tiles in Winograd space, ((m+2)^2, tiles, Cin), and the tiling."""
     a = m + 2
     n, cin, h, w = x.shape
-    bb, _, _ = _winograd_matrices(m, x.dtype)
+    bb, _, _ = winograd_matrices(m, x.dtype)
     th, tw = -(-h // m), -(-w // m)
     # (m+2)^2 input tiles every m pixels of the padded NHWC image, gathered tap-major:
     # d[(j, k), (n, ty, tx, c)] = x_padded[n, m ty + j, m tx + k, c].
@@ -103,7 +92,7 @@ def _winograd_input(x: torch.Tensor, m: int) -> tuple[torch.Tensor, _Tiles]:
 def _winograd_output(prod: torch.Tensor, bias: Optional[torch.Tensor], t: _Tiles) -> torch.Tensor:
     """Output tiles ((m+2)^2, tiles, Cout) back to an (N, Cout, H, W) channels-last tensor."""
     m, cout = t.m, prod.shape[-1]
-    _, _, aa = _winograd_matrices(m, prod.dtype)
+    _, _, aa = winograd_matrices(m, prod.dtype)
     y = (aa @ prod.reshape(prod.shape[0], -1)).view(m, m, t.n, t.th, t.tw, cout).permute(2, 3, 0, 4, 1, 5)
     b = None if bias is None else bias.to(prod.dtype)
     # A channels-last NCHW tensor, written through its NHWC view: the result is not a view.
@@ -134,46 +123,6 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     v, tiling = _winograd_input(x, m)
     u = winograd_kernel(weight.to(x.dtype), m) if kernel is None else kernel
     return _winograd_output(torch.bmm(v, u), bias, tiling)  # the bmm is the only O(Cin * Cout) work
-
-
-class WinogradConv3x3(torch.autograd.Function):
-    """3x3 'same' convolution for training, all three products in Winograd space (float32, F(4, 3)).
-
-    * forward: M = V U per tile position, V = input tiles, U = kernel.
-    * input gradient: the same convolution of the output gradient with the kernel
-      flipped and its channels swapped.
-    * weight gradient: dU = V^T dM, with dM the output transform's adjoint applied
-      to the output gradient, and dW = G^T dU G.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        with torch.no_grad():
-            v, tiling = _winograd_input(x, 4)
-            y = _winograd_output(torch.bmm(v, winograd_kernel(weight, 4)), bias, tiling)
-        ctx.save_for_backward(v, weight)
-        ctx.tiling, ctx.has_bias = tiling, bias is not None
-        return y if y._base is None else y.clone(memory_format=torch.channels_last)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        v, weight = ctx.saved_tensors
-        t = ctx.tiling
-        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = winograd_conv3x3(grad_out, weight.flip(2, 3).transpose(0, 1), None, tile=4)
-        if ctx.needs_input_grad[1]:
-            _, gg, aa = _winograd_matrices(4, grad_out.dtype)
-            cout, cin = weight.shape[:2]
-            g = F.pad(grad_out.permute(0, 2, 3, 1), (0, 0, 0, 4 * t.tw - t.w, 0, 4 * t.th - t.h))
-            g = g.reshape(t.n, t.th, 4, t.tw, 4, cout).permute(2, 4, 0, 1, 3, 5).reshape(16, -1)
-            grad_m = (aa.t() @ g).view(36, -1, cout)  # adjoint of the output transform
-            grad_u = torch.bmm(v.transpose(1, 2), grad_m)  # (36, Cin, Cout)
-            grad_w = (gg.t() @ grad_u.view(36, -1)).view(3, 3, cin, cout).permute(3, 2, 0, 1)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b
 
 
 def _store(value: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Native CPU kernels: built from `flexunet/csrc` with the system C compiler at first use.
+"""Native CPU kernels: built from `flexunet/kernels/csrc` with the system C compiler at first use.
 
 The fused Winograd convolution (`csrc/winograd.c`) keeps the transformed tiles
 in cache instead of materialising them as tensors, which is what makes Winograd
@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from flexunet import fastconv
+from flexunet.kernels import fastconv
 
 SOURCE = Path(__file__).parent / "csrc" / "winograd.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi"]
@@ -227,7 +227,7 @@ def transform_kernel(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -
     """
     cout, cin = weight.shape[:2]
     bf16 = dtype == torch.bfloat16
-    _, gg, _ = fastconv._winograd_matrices(2 if bf16 else 4, torch.float32)
+    _, gg, _ = fastconv.winograd_matrices(2 if bf16 else 4, torch.float32)
     taps = pack_kernel(weight.detach().float().permute(2, 3, 1, 0).reshape(9, cin, cout), pairs=bf16)
     return (gg @ taps).to(dtype)
 
@@ -295,34 +295,3 @@ def transposed_conv_k3s2(x: torch.Tensor, packed: torch.Tensor, bias: Optional[t
                       memory_format=torch.channels_last)
     _launch("transposed_k3s2", x, packed, bias, out, data=xp)
     return out
-
-
-class WinogradConv3x3(torch.autograd.Function):
-    """3x3 'same' float32 convolution for training on the fused kernel.
-
-    Forward and input gradient (the same convolution with the kernel flipped and
-    its channels swapped) run on the native kernel; the weight and bias
-    gradients come from PyTorch's own convolution backward. Saves what a plain
-    convolution saves: the input and the weight.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        with torch.no_grad():
-            return winograd_conv3x3(x, transform_kernel(weight), bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            flipped = weight.flip(2, 3).transpose(0, 1)
-            grad_x = winograd_conv3x3(grad_out, transform_kernel(flipped), None)
-        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1],
-                False, [0, 0], 1, [False, ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
-        return grad_x, grad_w, grad_b

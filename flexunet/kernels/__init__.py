@@ -1,0 +1,77 @@
+"""The kernel layer: fast CPU implementations of the model's convolutions, behind PyTorch operators.
+
+The model layer (`flexunet.layers`) states TensorFlow's semantics and asks
+this package for a fast result in one call:
+
+    fast = kernels.conv3x3(x, weight, bias)        # a Tensor, or None: run the plain convolution
+    fast = kernels.conv_transpose(x, weight, bias, stride, crop)
+
+Both call the registered operators of `flexunet.kernels.ops`
+(`torch.ops.flexunet.conv3x3`, `torch.ops.flexunet.conv_transpose_same`) when
+they pay off, so eager mode, autograd and `torch.compile` all run the same
+operator, and return None where the plain PyTorch operation is the better or
+the only choice:
+
+* while exporting (`torch.export`, ONNX) or scripting: exported graphs hold
+  standard operators that any runtime executes;
+* off the CPU, or for dtypes other than float32 and bfloat16;
+* in training, except 3x3 float32 convolutions with at least
+  `MIN_TRAINING_TILES` 4x4 output tiles (the operator then also computes the
+  input gradient; oneDNN's own backward wins on smaller maps and for
+  transposed convolutions).
+
+Under `torch.autocast` the operators compute in the autocast dtype with weights
+cast once and cached, not at every call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from flexunet.kernels import native, ops
+
+# Fewer 4x4 output tiles per batch than this: the kernel transforms each training step recomputes
+# (forward and input gradient) cost more than the fused kernel saves (measured on the default UNet).
+MIN_TRAINING_TILES = 512
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution of `x` computes in: the CPU autocast dtype under autocast, else x's."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
+def _eligible(x: torch.Tensor) -> bool:
+    """A CPU float32/bfloat16 call outside export and scripting."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and compute_dtype(x) in (torch.float32, torch.bfloat16)
+            and not (torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.jit.is_scripting()
+                     or torch.onnx.is_in_onnx_export()))
+
+
+def _tracked(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """`flexunet::conv3x3` where it pays off (see the module docstring), else None."""
+    if not _eligible(x):
+        return None
+    dtype = compute_dtype(x)
+    if _tracked(x, weight):
+        n, _, h, w = x.shape
+        if not (dtype == x.dtype == weight.dtype == torch.float32 and n * h * w >= 16 * MIN_TRAINING_TILES):
+            return None
+    return torch.ops.flexunet.conv3x3(x, weight, bias, dtype)
+
+
+def conv_transpose(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
+                   crop: int) -> Optional[torch.Tensor]:
+    """`flexunet::conv_transpose_same` in inference (see the module docstring), else None."""
+    if not _eligible(x) or _tracked(x, weight):
+        return None
+    return torch.ops.flexunet.conv_transpose_same(x, weight, bias, stride, crop, compute_dtype(x))
+
+
+__all__ = ["MIN_TRAINING_TILES", "compute_dtype", "conv3x3", "conv_transpose", "native", "ops"]

@@ -1,0 +1,165 @@
+"""flexunet's operators, registered with PyTorch (`torch.ops.flexunet.*`).
+
+Each operator has one meaning, stated in TensorFlow's terms, and picks its
+fastest implementation at run time:
+
+* `conv3x3(x, weight, bias, dtype)`: 3x3 stride-1 convolution with one zero
+  pixel of padding on every side (TensorFlow's 'same' for k=3), computed in
+  `dtype`. Native fused Winograd kernels where they apply, Winograd as batched
+  matrix products from 256 channels, else oneDNN's direct convolution.
+* `conv_transpose_same(x, weight, bias, stride, crop, dtype)`: the transposed
+  convolution of `x` (N, Cin, H, W) with `weight` (Cin, Cout, k, k), of which the
+  rows and columns `crop .. crop + H * stride` are kept (TensorFlow: `crop =
+  max(k - stride, 0) // 2`; sleap-nn: `(k - 1) // 2`). Native kernel for
+  TensorFlow's k=3, s=2, else one matrix product per input shift.
+
+Both return channels-last tensors. Each has a fake (meta) implementation, so
+`torch.compile(fullgraph=True)` keeps them as single nodes and fuses around them;
+`conv3x3` also has an autograd formula (its input gradient is the same operator
+with the kernel flipped). Transformed, packed or cast weights are cached per
+weight tensor and refreshed whenever it changes (`WeightCache`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from flexunet.kernels import fastconv, native
+
+# 3x3 convolutions with at least this many input and output channels use the PyTorch Winograd
+# path when the native kernels are unavailable: below it oneDNN's direct convolution is faster.
+TORCH_WINOGRAD_MIN_CHANNELS = 256
+CHANNELS_LAST = torch.channels_last
+
+
+class WeightCache:
+    """Values derived from a weight tensor (transforms, packs, casts), kept while it is unchanged.
+
+    Entries are keyed by the tensor object and recomputed when its data pointer
+    or in-place version changes (an optimizer step); they go when the tensor does.
+    """
+
+    def __init__(self):
+        self._entries: dict[int, tuple] = {}
+
+    def get(self, weight: torch.Tensor, kind: tuple, make: Callable[[], object]):
+        # Inference tensors have no version counter; they cannot change in place outside inference mode.
+        state = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
+        key = id(weight)
+        entry = self._entries.get(key)
+        if entry is None or entry[0]() is not weight:
+            ref = weakref.ref(weight, lambda _, key=key: self._entries.pop(key, None))
+            entry = (ref, {})
+            self._entries[key] = entry
+        values = entry[1]
+        if kind not in values or values[kind][0] != state:
+            values[kind] = (state, make())
+        return values[kind][1]
+
+    def kinds(self, weight: torch.Tensor) -> list[tuple]:
+        """What is cached for `weight` (e.g. `[("winograd", torch.float32)]`)."""
+        entry = self._entries.get(id(weight))
+        return list(entry[1]) if entry is not None and entry[0]() is weight else []
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+CACHE = WeightCache()
+
+
+def _cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if weight.dtype == dtype:
+        return weight
+    return CACHE.get(weight, ("cast", dtype), lambda: weight.detach().to(dtype))
+
+
+def _bias(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if bias is None else bias.to(dtype)
+
+
+# ---------------------------------------------------------------- conv3x3
+
+
+@torch.library.custom_op("flexunet::conv3x3", mutates_args=(), device_types="cpu")
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """3x3 'same' convolution of (N, Cin, H, W) `x` with (Cout, Cin, 3, 3) `weight`, in `dtype`."""
+    with torch.autocast("cpu", enabled=False):  # exactly `dtype`, whatever the caller's autocast state
+        return _conv3x3(x, weight, bias, dtype)
+
+
+def _conv3x3(x, weight, bias, dtype):
+    cout, cin = weight.shape[:2]
+    if native.supports_winograd(dtype, cin, cout) and native.available():
+        packed = CACHE.get(weight, ("winograd", dtype), lambda: native.transform_kernel(weight, dtype))
+        return native.winograd_conv3x3(x, packed, bias)
+    if min(cin, cout) >= TORCH_WINOGRAD_MIN_CHANNELS:
+        tile = fastconv.winograd_tile(dtype)
+        kernel = CACHE.get(weight, ("torch-winograd", dtype),
+                           lambda: fastconv.winograd_kernel(weight.detach().float(), tile).to(dtype))
+        return fastconv.winograd_conv3x3(x.to(dtype).contiguous(memory_format=CHANNELS_LAST), weight, bias,
+                                         kernel=kernel, tile=tile)
+    y = F.conv2d(x.to(dtype).contiguous(memory_format=CHANNELS_LAST), _cast(weight, dtype), _bias(bias, dtype),
+                 padding=1)
+    return y.contiguous(memory_format=CHANNELS_LAST)
+
+
+@conv3x3.register_fake
+def _(x, weight, bias, dtype):
+    return torch.empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), dtype=dtype, device=x.device,
+                       memory_format=CHANNELS_LAST)
+
+
+def _conv3x3_setup(ctx, inputs, output):
+    x, weight, bias, dtype = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias, ctx.dtype = bias is not None, dtype
+
+
+def _conv3x3_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad = grad.contiguous(memory_format=CHANNELS_LAST)
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        # The input gradient of a 'same' 3x3 convolution is one too: kernel flipped, channels swapped.
+        grad_x = torch.ops.flexunet.conv3x3(grad, weight.flip(2, 3).transpose(0, 1), None, ctx.dtype)
+    need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+    if need_w or need_b:
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad.to(x.dtype), x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1],
+            False, [0, 0], 1, [False, need_w, need_b])
+    return grad_x, grad_w, grad_b, None
+
+
+conv3x3.register_autograd(_conv3x3_backward, setup_context=_conv3x3_setup)
+
+
+# ---------------------------------------------------- conv_transpose_same
+
+
+@torch.library.custom_op("flexunet::conv_transpose_same", mutates_args=(), device_types="cpu")
+def conv_transpose_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, crop: int,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """Transposed convolution of `x` by `stride`, rows/columns `crop .. crop + H * stride` kept, in `dtype`."""
+    with torch.autocast("cpu", enabled=False):
+        return _conv_transpose_same(x, weight, bias, stride, crop, dtype)
+
+
+def _conv_transpose_same(x, weight, bias, stride, crop, dtype):
+    cin, cout, k = weight.shape[0], weight.shape[1], weight.shape[-1]
+    keras_k3s2 = k == 3 and stride == 2 and crop == 0
+    if keras_k3s2 and native.supports_transposed(dtype, cin, cout, k, stride) and native.available():
+        packed = CACHE.get(weight, ("transposed", dtype), lambda: native.pack_transposed(weight, dtype))
+        return native.transposed_conv_k3s2(x, packed, bias)
+    x = x.to(dtype).contiguous(memory_format=CHANNELS_LAST)
+    return fastconv.transposed_conv(x, _cast(weight, dtype), _bias(bias, dtype), stride, crop)
+
+
+@conv_transpose_same.register_fake
+def _(x, weight, bias, stride, crop, dtype):
+    return torch.empty((x.shape[0], weight.shape[1], x.shape[2] * stride, x.shape[3] * stride), dtype=dtype,
+                       device=x.device, memory_format=CHANNELS_LAST)

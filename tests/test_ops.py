@@ -1,0 +1,113 @@
+"""flexunet's registered operators: one operator for eager, autograd, torch.compile; plain ops when exporting."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flexunet
+from flexunet import kernels
+from flexunet.layers import Conv2dSame, ConvTranspose2dSame
+
+CONV3X3 = torch.ops.flexunet.conv3x3.default
+TRANSPOSED = torch.ops.flexunet.conv_transpose_same.default
+
+
+@pytest.mark.parametrize("cin,cout,dtype", [(16, 32, torch.float32), (3, 8, torch.float32), (32, 16, torch.bfloat16)])
+def test_conv3x3_passes_pytorchs_operator_checks(cin, cout, dtype):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch, as PyTorch checks them."""
+    x = torch.randn(2, cin, 9, 7, requires_grad=dtype == torch.float32)
+    weight = torch.randn(cout, cin, 3, 3, requires_grad=dtype == torch.float32)
+    bias = torch.randn(cout, requires_grad=dtype == torch.float32)
+    torch.library.opcheck(CONV3X3, (x, weight, bias, dtype))
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,crop", [(16, 32, 3, 2, 0), (16, 16, 3, 2, 1), (5, 7, 5, 3, 1)])
+def test_conv_transpose_passes_pytorchs_operator_checks(cin, cout, k, stride, crop):
+    x, weight, bias = torch.randn(2, cin, 5, 6), torch.randn(cin, cout, k, k), torch.randn(cout)
+    torch.library.opcheck(TRANSPOSED, (x, weight, bias, stride, crop, torch.float32))
+
+
+@pytest.mark.parametrize("cin,cout", [(16, 32), (3, 8), (256, 256)])
+def test_conv3x3_equals_a_padded_convolution(cin, cout):
+    x, weight, bias = torch.randn(2, cin, 13, 10), torch.randn(cout, cin, 3, 3), torch.randn(cout)
+    want = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    got = torch.ops.flexunet.conv3x3(x, weight, bias, torch.float32)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 5e-5
+
+
+def test_conv3x3_gradients_equal_the_plain_convolutions():
+    """Training on the operator (enough tiles): the same gradients as F.conv2d, to float32 rounding."""
+    torch.manual_seed(0)
+    layer = Conv2dSame(32, 48, 3)
+    x = torch.randn(2, 32, 64, 64, requires_grad=True)
+    y = layer(x)
+    assert "conv3x3" in y.grad_fn.name()  # the operator's registered backward
+    y.square().sum().backward()
+    grads = [x.grad, layer.weight.grad, layer.bias.grad]
+    x2 = x.detach().requires_grad_()
+    w2, b2 = layer.weight.detach().requires_grad_(), layer.bias.detach().requires_grad_()
+    F.conv2d(x2, w2, b2, padding=1).square().sum().backward()
+    for got, want in zip(grads, [x2.grad, w2.grad, b2.grad]):
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+
+
+def _graph_targets(model, x, **compile_kwargs):
+    """The call targets of the FX graph `torch.compile` hands to its backend."""
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(node.target for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=record, fullgraph=True, **compile_kwargs)
+    with torch.no_grad():
+        out = compiled(x)
+    return targets, out
+
+
+def test_compiled_models_keep_the_operators():
+    torch.manual_seed(0)
+    model = flexunet.UNet(filters=16, down_blocks=2, up_blocks=2).eval()
+    x = torch.rand(2, 1, 32, 32)
+    targets, out = _graph_targets(model, x)
+    n_conv3x3 = sum(t is torch.ops.flexunet.conv3x3.default or t is torch.ops.flexunet.conv3x3 for t in targets)
+    n_transposed = sum(t in (TRANSPOSED, torch.ops.flexunet.conv_transpose_same) for t in targets)
+    assert n_conv3x3 == 10  # every 3x3 convolution of the network
+    assert n_transposed == 2  # both upsampling steps
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x))
+
+
+def test_inductor_compiles_around_the_operators_and_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = flexunet.UNet(filters=16, down_blocks=2, up_blocks=2).eval()
+    x = torch.rand(2, 1, 32, 32)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        got, want = compiled(x), model(x)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+
+
+def test_exported_programs_hold_standard_operators_only():
+    model = flexunet.UNet(filters=16, down_blocks=2, up_blocks=2).eval()
+    program = flexunet.export_program(model, torch.rand(1, 1, 32, 32))
+    names = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("flexunet" in name for name in names)
+    assert any("convolution" in name or "conv2d" in name for name in names)
+
+
+@pytest.mark.parametrize("make,args", [
+    (lambda: Conv2dSame(16, 16, 3), (1, 16, 8, 8)),
+    (lambda: ConvTranspose2dSame(16, 16, 3, 2), (1, 16, 8, 8)),
+])
+def test_layers_use_plain_operations_where_the_operators_do_not_pay(make, args):
+    layer = make()
+    x = torch.rand(*args)
+    assert kernels.conv3x3(x.double(), layer.weight.double(), None) is None  # float64: PyTorch's own
+    x_grad = x.clone().requires_grad_()
+    assert kernels.conv_transpose(x_grad, layer.weight, None, 2, 0) is None  # training: oneDNN's backward
+    small = torch.rand(1, 16, 8, 8, requires_grad=True)  # 4 tiles: too few to amortise the transforms
+    assert kernels.conv3x3(small, torch.rand(16, 16, 3, 3), None) is None
