@@ -1,9 +1,15 @@
 """Block specs (frozen dataclasses) and the modules they build.
 
-A spec is cheap data: printable, comparable, JSON-friendly. `spec.make_block`
-turns it into an `nn.Module` whose submodules carry SLEAP's Keras layer names:
-the Keras layer `{prefix}_{attr}` is the submodule `attr` of the block named
-`{prefix}`, e.g. `stack0_enc1_conv0` is `blocks["stack0_enc1"].conv0`.
+A spec is cheap data: printable, comparable, JSON-friendly. `spec.layers`
+describes the block's Keras layers (`LayerInfo`: kind, channels, kernel,
+activation, parameters); `spec.make_block` builds the `nn.Module` from that
+same description, so introspection and the module cannot disagree. Submodules
+carry SLEAP's Keras layer names: the Keras layer `{name}_{attr}` is the
+submodule `attr` of the block named `{name}`, e.g. `stack0_enc1_conv0` is
+`blocks["stack0_enc1"].conv0`.
+
+Encoder and decoder specs share one signature: `make_block(in_channels, name,
+skip_channels=None)`, with `name` from `spec.block_name(prefix, current_stride)`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from flexunet.layers import (
 from flexunet.validation import check_bool, check_choice, check_int, check_keys, check_optional_int
 
 INTERP_METHODS = ("bilinear", "nearest")
+JOINS = ("Concatenate", "Add")
 
 
 def _check_activation(name: str, value: str) -> str:
@@ -39,12 +46,100 @@ def _conv_params(kernel: int, cin: int, cout: int, bias: bool) -> int:
     return kernel * kernel * cin * cout + (cout if bias else 0)
 
 
+@dataclass(frozen=True)
+class LayerInfo:
+    """One Keras-named layer of a block: enough to build it and to reason about it.
+
+    `stride` > 1 divides the resolution, `upsample` > 1 multiplies it.
+    `activation` is applied after the layer (Keras folds it into convolutions;
+    with batch norm before the activation it follows the batch norm).
+    """
+
+    name: str
+    kind: str
+    kernel: int = 1
+    stride: int = 1
+    upsample: int = 1
+    in_channels: int = 0
+    out_channels: int = 0
+    params: int = 0
+    activation: str = "linear"
+    bias: bool = True
+    mode: str = ""  # UpSampling2D: "bilinear" or "nearest"
+    alignment: str = "keras"  # Conv2DTranspose: see `layers.ConvTranspose2dSame`
+
+
+def _conv(name: str, kind: str, kernel: int, cin: int, cout: int, bias: bool, activation: str,
+          upsample: int = 1, alignment: str = "keras") -> LayerInfo:
+    return LayerInfo(name, kind, kernel, 1, upsample, cin, cout, _conv_params(kernel, cin, cout, bias),
+                     activation, bias, alignment=alignment)
+
+
+def _conv_with_bn(conv: LayerInfo, batch_norm: bool, bn_first: bool, activation: str) -> list[LayerInfo]:
+    """A convolution and its optional batch norm, the activation after whichever comes second in Keras."""
+    if not batch_norm:
+        return [dataclasses.replace(conv, activation=activation)]
+    c = conv.out_channels
+    bn = LayerInfo(f"{conv.name}_bn", "BatchNormalization", 1, 1, 1, c, c, 2 * c)
+    if bn_first:
+        return [dataclasses.replace(conv, activation="linear"), dataclasses.replace(bn, activation=activation)]
+    return [dataclasses.replace(conv, activation=activation), bn]
+
+
+def _module(info: LayerInfo) -> Optional[nn.Module]:
+    """The module a layer description stands for (None for the joins, which live in `forward`)."""
+    if info.kind == "Conv2D":
+        return Conv2dSame(info.in_channels, info.out_channels, info.kernel, bias=info.bias)
+    if info.kind == "Conv2DTranspose":
+        return ConvTranspose2dSame(info.in_channels, info.out_channels, info.kernel, info.upsample,
+                                   bias=info.bias, alignment=info.alignment)
+    if info.kind == "MaxPool2D":
+        return MaxPool2dSame(info.stride, info.kernel)
+    if info.kind == "BatchNormalization":
+        return batch_norm(info.out_channels)
+    if info.kind == "UpSampling2D":
+        return Upsample(info.upsample, info.mode)
+    if info.kind in JOINS:
+        return None
+    raise ValueError(f"no module for layer kind {info.kind!r}")
+
+
+def _modules(layers: list[LayerInfo], name: str) -> "OrderedDict[str, nn.Module]":
+    """Modules for `layers`, keyed by their Keras name without the block's `name_`; activations as `{attr}_act`."""
+    modules: "OrderedDict[str, nn.Module]" = OrderedDict()
+    for info in layers:
+        attr = info.name[len(name) + 1:]
+        module = _module(info)
+        if module is not None:
+            modules[attr] = module
+        if info.activation != "linear":
+            modules[f"{attr}_act"] = make_activation(info.activation)
+    return modules
+
+
 class _Spec:
-    """Shared behaviour of block specs: validation hook and dict round trip."""
+    """What every block spec shares: dict round trip, and channels and parameters from `layers`."""
 
     def to_dict(self) -> dict:
         """Plain-dict form with the spec's class name under `"type"`."""
         return {"type": type(self).__name__, **dataclasses.asdict(self)}
+
+    def layers(self, in_channels: int, name: str, skip_channels: Optional[int] = None) -> list[LayerInfo]:
+        """The block's Keras layers in order, for a block called `name` (see `block_name`)."""
+        raise NotImplementedError
+
+    def out_channels(self, in_channels: int, skip_channels: Optional[int] = None) -> int:
+        """Channels of the block's output."""
+        layers = self.layers(in_channels, "", skip_channels)
+        return layers[-1].out_channels if layers else in_channels
+
+    def num_params(self, in_channels: int, skip_channels: Optional[int] = None) -> int:
+        """Trainable parameters of the block, computed without building it."""
+        return sum(layer.params for layer in self.layers(in_channels, "", skip_channels))
+
+    def make_block(self, in_channels: int, name: str = "block", skip_channels: Optional[int] = None) -> nn.Module:
+        """Build the block's module, from `layers` (see the module docstring)."""
+        raise NotImplementedError
 
 
 # --------------------------------------------------------------------------- encoder
@@ -52,7 +147,7 @@ class _Spec:
 
 @dataclass(frozen=True)
 class EncoderBlock(_Spec):
-    """Base spec of encoder blocks.
+    """Base spec of encoder blocks (straight-through: no skip input).
 
     Args:
         pool: If True, the block max-pools (2x2 window, 'same' padding).
@@ -71,42 +166,13 @@ class EncoderBlock(_Spec):
         """Factor by which this block divides the resolution."""
         return self.pooling_stride if self.pool else 1
 
-    def block_name(self, prefix: str) -> str:
-        """Keras layer prefix of the block built with `prefix`."""
+    def block_name(self, prefix: str, current_stride: Optional[int] = None) -> str:
+        """Keras layer prefix of the block placed as `prefix` (the stride does not enter it)."""
         return prefix
 
-    def out_channels(self, in_channels: int) -> int:
-        """Channels of the block's output for `in_channels` input channels."""
-        raise NotImplementedError
-
-    def num_params(self, in_channels: int) -> int:
-        """Trainable parameters of the block, computed without building it."""
-        raise NotImplementedError
-
-    def layers(self, in_channels: int, prefix: str) -> list["LayerInfo"]:
-        """The block's layers in order, for introspection (see `flexunet.summary`)."""
-        raise NotImplementedError
-
-    def make_block(self, in_channels: int, prefix: str = "conv_block") -> nn.Module:
-        """Build the block's module for an input with `in_channels` channels."""
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """One Keras-named layer of a block: its kind, kernel, stride and channels.
-
-    `stride` > 1 divides the resolution, `upsample` > 1 multiplies it.
-    """
-
-    name: str
-    kind: str
-    kernel: int = 1
-    stride: int = 1
-    upsample: int = 1
-    in_channels: int = 0
-    out_channels: int = 0
-    params: int = 0
+    def make_block(self, in_channels: int, name: str = "block", skip_channels: Optional[int] = None) -> "ConvBlock":
+        check_int("in_channels", in_channels, minimum=1)
+        return ConvBlock(name, _modules(self.layers(in_channels, name), name))
 
 
 @dataclass(frozen=True)
@@ -152,59 +218,32 @@ class SimpleConvBlock(EncoderBlock):
         if not isinstance(self.block_prefix, str):
             raise TypeError(f"{n}.block_prefix must be a string, got {self.block_prefix!r}.")
 
-    def block_name(self, prefix: str) -> str:
+    def block_name(self, prefix: str, current_stride: Optional[int] = None) -> str:
         return prefix + self.block_prefix
 
-    def out_channels(self, in_channels: int) -> int:
-        return self.filters if self.num_convs else in_channels
+    def layers(self, in_channels: int, name: str, skip_channels: Optional[int] = None) -> list[LayerInfo]:
+        def pool(c):
+            return LayerInfo(f"{name}_pool", "MaxPool2D", 2, self.pooling_stride, 1, c, c)
 
-    def num_params(self, in_channels: int) -> int:
-        return sum(layer.params for layer in self.layers(in_channels, ""))
-
-    def layers(self, in_channels: int, prefix: str) -> list[LayerInfo]:
-        p = self.block_name(prefix)
-        pool = LayerInfo(f"{p}_pool", "MaxPool2D", 2, self.pooling_stride)
         out: list[LayerInfo] = []
         if self.pool and self.pool_before_convs:
-            out.append(dataclasses.replace(pool, in_channels=in_channels, out_channels=in_channels))
+            out.append(pool(in_channels))
         c = in_channels
         for i in range(self.num_convs):
-            out.append(
-                LayerInfo(
-                    f"{p}_conv{i}", "Conv2D", self.kernel_size, 1, 1, c, self.filters,
-                    _conv_params(self.kernel_size, c, self.filters, self.use_bias),
-                )
-            )
+            conv = _conv(f"{name}_conv{i}", "Conv2D", self.kernel_size, c, self.filters, self.use_bias, "linear")
+            bn = _conv_with_bn(conv, self.batch_norm, self.batch_norm_before_activation, self.activation)
+            if self.batch_norm:  # Keras names these `{name}_bn{i}`
+                bn[1] = dataclasses.replace(bn[1], name=f"{name}_bn{i}")
+            out += bn
             c = self.filters
-            if self.batch_norm:
-                out.append(LayerInfo(f"{p}_bn{i}", "BatchNormalization", 1, 1, 1, c, c, 2 * c))
         if self.pool and not self.pool_before_convs:
-            out.append(dataclasses.replace(pool, in_channels=c, out_channels=c))
+            out.append(pool(c))
         return out
-
-    def make_block(self, in_channels: int, prefix: str = "conv_block") -> "ConvBlock":
-        check_int("in_channels", in_channels, minimum=1)
-        layers: "OrderedDict[str, nn.Module]" = OrderedDict()
-        pool = MaxPool2dSame(self.pooling_stride)
-        if self.pool and self.pool_before_convs:
-            layers["pool"] = pool
-        c = in_channels
-        for i in range(self.num_convs):
-            layers[f"conv{i}"] = Conv2dSame(c, self.filters, self.kernel_size, bias=self.use_bias)
-            c = self.filters
-            if self.batch_norm and self.batch_norm_before_activation:
-                layers[f"bn{i}"] = batch_norm(c)
-            layers[f"act{i}"] = make_activation(self.activation)
-            if self.batch_norm and not self.batch_norm_before_activation:
-                layers[f"bn{i}"] = batch_norm(c)
-        if self.pool and not self.pool_before_convs:
-            layers["pool"] = pool
-        return ConvBlock(self.block_name(prefix), layers)
 
 
 @dataclass(frozen=True)
 class PoolingBlock(EncoderBlock):
-    """Max pooling only (SLEAP's `PoolingBlock`), layer `{prefix}_last_pool`.
+    """Max pooling only (SLEAP's `PoolingBlock`), layer `{name}_last_pool`.
 
     UNet's conv blocks pool *before* their convolutions so that skip connections
     come from the convolutions; this block closes the encoder with the last pool.
@@ -214,21 +253,10 @@ class PoolingBlock(EncoderBlock):
         pooling_stride: Stride of the pooling.
     """
 
-    def out_channels(self, in_channels: int) -> int:
-        return in_channels
-
-    def num_params(self, in_channels: int) -> int:
-        return 0
-
-    def layers(self, in_channels: int, prefix: str) -> list[LayerInfo]:
+    def layers(self, in_channels: int, name: str, skip_channels: Optional[int] = None) -> list[LayerInfo]:
         if not self.pool:
             return []
-        return [LayerInfo(f"{prefix}_last_pool", "MaxPool2D", 2, self.pooling_stride, 1, in_channels, in_channels)]
-
-    def make_block(self, in_channels: int, prefix: str = "conv_block") -> "ConvBlock":
-        check_int("in_channels", in_channels, minimum=1)
-        layers = OrderedDict(last_pool=MaxPool2dSame(self.pooling_stride)) if self.pool else OrderedDict()
-        return ConvBlock(prefix, layers)
+        return [LayerInfo(f"{name}_last_pool", "MaxPool2D", 2, self.pooling_stride, 1, in_channels, in_channels)]
 
 
 class ConvBlock(nn.Sequential):
@@ -244,7 +272,7 @@ class ConvBlock(nn.Sequential):
 
 @dataclass(frozen=True)
 class DecoderBlock(_Spec):
-    """Base spec of decoder blocks.
+    """Base spec of decoder blocks: upsample, optionally join a skip source, refine.
 
     Args:
         upsampling_stride: Factor by which the block multiplies the resolution.
@@ -255,41 +283,17 @@ class DecoderBlock(_Spec):
     def __post_init__(self):
         check_int(f"{type(self).__name__}.upsampling_stride", self.upsampling_stride, minimum=1)
 
-    def block_name(self, prefix: str, current_stride: Optional[int]) -> str:
-        """SLEAP's layer prefix: `{prefix}_s{stride}_to_s{stride // upsampling}`."""
+    def block_name(self, prefix: str, current_stride: Optional[int] = None) -> str:
+        """SLEAP's layer prefix: `{prefix}_s{stride}_to_s{stride // upsampling}` (just `prefix` without a stride)."""
         if current_stride is None:
             return prefix
         return f"{prefix}_s{current_stride}_to_s{current_stride // self.upsampling_stride}"
 
-    def out_channels(self, in_channels: int, skip_channels: Optional[int] = None) -> int:
-        """Channels of the block's output."""
-        raise NotImplementedError
-
-    def num_params(self, in_channels: int, skip_channels: Optional[int] = None) -> int:
-        """Trainable parameters of the block, computed without building it."""
-        raise NotImplementedError
-
-    def layers(self, in_channels: int, skip_channels: Optional[int], name: str) -> list[LayerInfo]:
-        """The block's layers in order, for introspection."""
-        raise NotImplementedError
-
-    def make_block(
-        self,
-        in_channels: int,
-        skip_channels: Optional[int] = None,
-        prefix: str = "upsample",
-        current_stride: Optional[int] = None,
-    ) -> nn.Module:
-        """Build the block's module.
-
-        Args:
-            in_channels: Channels of the tensor to upsample.
-            skip_channels: Channels of the skip source, or None when the block gets none.
-            prefix: Keras layer prefix of the block.
-            current_stride: Stride of the input; if given, `_s{a}_to_s{b}` is appended
-                to the prefix as in SLEAP.
-        """
-        raise NotImplementedError
+    def make_block(self, in_channels: int, name: str = "block",
+                   skip_channels: Optional[int] = None) -> "UpsamplingBlock":
+        check_int("in_channels", in_channels, minimum=1)
+        check_optional_int("skip_channels", skip_channels, minimum=1)
+        return UpsamplingBlock(name, self.layers(in_channels, name, skip_channels))
 
 
 @dataclass(frozen=True)
@@ -374,126 +378,74 @@ class SimpleUpsamplingBlock(DecoderBlock):
             return self.refine_convs_first_filters
         return self.refine_convs_filters
 
-    def out_channels(self, in_channels: int, skip_channels: Optional[int] = None) -> int:
-        return self.layers(in_channels, skip_channels, "")[-1].out_channels
-
-    def num_params(self, in_channels: int, skip_channels: Optional[int] = None) -> int:
-        return sum(layer.params for layer in self.layers(in_channels, skip_channels, ""))
-
-    def layers(self, in_channels: int, skip_channels: Optional[int], name: str) -> list[LayerInfo]:
+    def layers(self, in_channels: int, name: str, skip_channels: Optional[int] = None) -> list[LayerInfo]:
         s, c = self.upsampling_stride, in_channels
         out: list[LayerInfo] = []
         if self.transposed_conv:
             k, f = self.transposed_conv_kernel_size, self.transposed_conv_filters
-            out.append(
-                LayerInfo(f"{name}_trans_conv", "Conv2DTranspose", k, 1, s, c, f,
-                          _conv_params(k, c, f, self.transposed_conv_use_bias))
-            )
+            conv = _conv(f"{name}_trans_conv", "Conv2DTranspose", k, c, f, self.transposed_conv_use_bias, "linear",
+                         upsample=s, alignment=self.alignment)
+            out += _conv_with_bn(conv, self.transposed_conv_batch_norm,
+                                 self.transposed_conv_batch_norm_before_activation, self.transposed_conv_activation)
             c = f
-            if self.transposed_conv_batch_norm:
-                out.append(LayerInfo(f"{name}_trans_conv_bn", "BatchNormalization", 1, 1, 1, c, c, 2 * c))
         else:
-            kind = "UpSampling2D"
-            out.append(LayerInfo(f"{name}_interp_{self.interp_method}", kind, 1, 1, s, c, c))
+            out.append(LayerInfo(f"{name}_interp_{self.interp_method}", "UpSampling2D", 1, 1, s, c, c,
+                                 mode=self.interp_method))
         if self.skip_connection and skip_channels is not None:
             if self.skip_add:
-                if skip_channels != c:
-                    out.append(LayerInfo(f"{name}_skip_conv1x1", "Conv2D", 1, 1, 1, skip_channels, c,
-                                         _conv_params(1, skip_channels, c, True)))
+                if skip_channels != c:  # a linear 1x1 projection of the source onto the upsampled channels
+                    out.append(_conv(f"{name}_skip_conv1x1", "Conv2D", 1, skip_channels, c, True, "linear"))
                 out.append(LayerInfo(f"{name}_skip_add", "Add", 1, 1, 1, c, c))
-            else:
+            else:  # the skip first, then the upsampled tensor, as SLEAP concatenates
                 out.append(LayerInfo(f"{name}_skip_concat", "Concatenate", 1, 1, 1, c, c + skip_channels))
                 c += skip_channels
         for i in range(self.refine_convs):
             k, f = self.refine_convs_kernel_size, self._refine_filters(i)
-            out.append(LayerInfo(f"{name}_refine_conv{i}", "Conv2D", k, 1, 1, c, f,
-                                 _conv_params(k, c, f, self.refine_convs_use_bias)))
+            conv = _conv(f"{name}_refine_conv{i}", "Conv2D", k, c, f, self.refine_convs_use_bias, "linear")
+            out += _conv_with_bn(conv, self.refine_convs_batch_norm, self.refine_convs_batch_norm_before_activation,
+                                 self.refine_convs_activation)
             c = f
-            if self.refine_convs_batch_norm:
-                out.append(LayerInfo(f"{name}_refine_conv{i}_bn", "BatchNormalization", 1, 1, 1, c, c, 2 * c))
         return out
-
-    def make_block(
-        self,
-        in_channels: int,
-        skip_channels: Optional[int] = None,
-        prefix: str = "upsample",
-        current_stride: Optional[int] = None,
-    ) -> "UpsamplingBlock":
-        check_int("in_channels", in_channels, minimum=1)
-        check_optional_int("skip_channels", skip_channels, minimum=1)
-        return UpsamplingBlock(self, in_channels, skip_channels, self.block_name(prefix, current_stride))
 
 
 class UpsamplingBlock(nn.Module):
-    """Module built from a `SimpleUpsamplingBlock` spec.
+    """A decoder block built from its layer description (`SimpleUpsamplingBlock.layers`).
 
-    `forward(x, skip)` upsamples `x`, joins `skip` (if the spec and the build had
-    one) and refines. Submodule names are the Keras layer suffixes.
+    `forward(x, skip)` runs the layers before the join on `x`, joins `skip` (a
+    concatenation, skip first, or an addition after the optional linear 1x1
+    projection `skip_conv1x1`), then runs the layers after it. Submodule names
+    are the Keras layer suffixes.
     """
 
-    def __init__(self, spec: SimpleUpsamplingBlock, in_channels: int, skip_channels: Optional[int], name: str):
+    def __init__(self, name: str, layers: list[LayerInfo]):
         super().__init__()
         self.name = name
-        self.uses_skip = bool(spec.skip_connection and skip_channels is not None)
-        self.skip_add = spec.skip_add
-        c = in_channels
+        joins = [i for i, info in enumerate(layers) if info.kind in JOINS]
+        cut = joins[0] if joins else len(layers)
+        self.join = layers[cut].kind if joins else None
+        self.uses_skip, self.skip_add = self.join is not None, self.join == "Add"
+        projection = [info for info in layers[:cut] if info.name.endswith("_skip_conv1x1")]
+        before = [info for info in layers[:cut] if info not in projection]
+        self._up = self._add(_modules(before, name))
+        self.skip_conv1x1 = _module(projection[0]) if projection else None
+        self._refine = self._add(_modules(layers[cut + 1:], name))
+        self.out_channels = layers[-1].out_channels
 
-        if spec.transposed_conv:
-            trans_conv = ConvTranspose2dSame(
-                c, spec.transposed_conv_filters, spec.transposed_conv_kernel_size,
-                spec.upsampling_stride, bias=spec.transposed_conv_use_bias, alignment=spec.alignment,
-            )
-            c = spec.transposed_conv_filters
-            up: "OrderedDict[str, nn.Module]" = OrderedDict(trans_conv=trans_conv)
-            bn_first = spec.transposed_conv_batch_norm_before_activation
-            if spec.transposed_conv_batch_norm and bn_first:
-                up["trans_conv_bn"] = batch_norm(c)
-            up["trans_conv_act"] = make_activation(spec.transposed_conv_activation)
-            if spec.transposed_conv_batch_norm and not bn_first:
-                up["trans_conv_bn"] = batch_norm(c)
-        else:
-            up = OrderedDict(interp=Upsample(spec.upsampling_stride, spec.interp_method))
-        for key, module in up.items():
-            setattr(self, key, module)
-        self._up = list(up)
-
-        if self.uses_skip and spec.skip_add and skip_channels != c:
-            # Residual-style projection of the source onto the upsampled channels.
-            self.skip_conv1x1 = Conv2dSame(skip_channels, c, 1)
-        else:
-            self.skip_conv1x1 = None
-        if self.uses_skip and not spec.skip_add:
-            c += skip_channels
-
-        refine: "OrderedDict[str, nn.Module]" = OrderedDict()
-        bn_first = spec.refine_convs_batch_norm_before_activation
-        for i in range(spec.refine_convs):
-            f = spec._refine_filters(i)
-            refine[f"refine_conv{i}"] = Conv2dSame(c, f, spec.refine_convs_kernel_size, spec.refine_convs_use_bias)
-            c = f
-            if spec.refine_convs_batch_norm and bn_first:
-                refine[f"refine_conv{i}_bn"] = batch_norm(c)
-            refine[f"refine_conv{i}_act"] = make_activation(spec.refine_convs_activation)
-            if spec.refine_convs_batch_norm and not bn_first:
-                refine[f"refine_conv{i}_bn"] = batch_norm(c)
-        for key, module in refine.items():
-            setattr(self, key, module)
-        self._refine = list(refine)
-        self.out_channels = c
+    def _add(self, modules: "OrderedDict[str, nn.Module]") -> list[str]:
+        for key, module in modules.items():
+            self.add_module(key, module)
+        return list(modules)
 
     def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         for key in self._up:
             x = getattr(self, key)(x)  # (N, C, H*s, W*s) after the first
-        if self.uses_skip:
+        if self.join is not None:
             if skip is None:
                 raise ValueError(f"decoder block {self.name!r} was built with a skip connection but got none.")
             if self.skip_add:
-                if self.skip_conv1x1 is not None:
-                    skip = self.skip_conv1x1(skip)
-                x = skip + x
+                x = (skip if self.skip_conv1x1 is None else self.skip_conv1x1(skip)) + x
             else:
-                x = torch.cat([skip, x], dim=1)  # skip first, as in SLEAP
+                x = torch.cat([skip, x], dim=1)  # (N, C_skip + C, H*s, W*s)
         for key in self._refine:
             x = getattr(self, key)(x)
         return x

@@ -99,17 +99,16 @@ class PlacedBlock:
 
     def layers(self) -> list[LayerInfo]:
         """Keras-named layers of the block (see `LayerInfo`)."""
-        if self.section == "decoder":
-            return self.spec.layers(self.in_channels, self.skip_channels, self.name)
-        base = self.name[: len(self.name) - len(getattr(self.spec, "block_prefix", ""))]
-        return self.spec.layers(self.in_channels, base)
+        return self.spec.layers(self.in_channels, self.name, self.skip_channels)
 
     @property
     def num_params(self) -> int:
         """Trainable parameters, from the spec alone."""
-        if self.section == "decoder":
-            return self.spec.num_params(self.in_channels, self.skip_channels)
-        return self.spec.num_params(self.in_channels)
+        return self.spec.num_params(self.in_channels, self.skip_channels)
+
+    def make_block(self) -> nn.Module:
+        """The block's module."""
+        return self.spec.make_block(self.in_channels, self.name, self.skip_channels)
 
 
 def _product(values) -> int:
@@ -272,14 +271,7 @@ class EncoderDecoder(nn.Module):
                 f"this configuration would have {total:,} parameters, more than the {MAX_PARAMETERS:,} "
                 "flexunet builds; check filters and filters_rate."
             )
-        modules = {}
-        for p in self._plan:
-            if p.section == "decoder":
-                modules[p.name] = p.spec.make_block(p.in_channels, p.skip_channels, p.name)
-            else:
-                base = p.name[: len(p.name) - len(getattr(p.spec, "block_prefix", ""))]
-                modules[p.name] = p.spec.make_block(p.in_channels, base)
-        self.blocks = nn.ModuleDict(modules)
+        self.blocks = nn.ModuleDict({p.name: p.make_block() for p in self._plan})
         self.to(memory_format=torch.channels_last)
         self._input_multiple = self.maximum_stride  # cached: forward must not rebuild the specs
         self._output_stride = self.output_stride

@@ -13,28 +13,28 @@ torch.manual_seed(0)
 
 CONV_CASES = [
     # (spec kwargs, in_channels, (H, W), output (C, H, W), module order)
-    (dict(), 3, (8, 8), (32, 4, 4), ["conv0", "act0", "conv1", "act1", "pool"]),
-    (dict(pool_before_convs=True), 3, (8, 8), (32, 4, 4), ["pool", "conv0", "act0", "conv1", "act1"]),
-    (dict(pool=False, filters=5), 2, (7, 5), (5, 7, 5), ["conv0", "act0", "conv1", "act1"]),
-    (dict(pooling_stride=1, num_convs=1, filters=4), 2, (6, 6), (4, 6, 6), ["conv0", "act0", "pool"]),
-    (dict(pooling_stride=3, num_convs=1, filters=4), 2, (7, 7), (4, 3, 3), ["conv0", "act0", "pool"]),
+    (dict(), 3, (8, 8), (32, 4, 4), ["conv0", "conv0_act", "conv1", "conv1_act", "pool"]),
+    (dict(pool_before_convs=True), 3, (8, 8), (32, 4, 4), ["pool", "conv0", "conv0_act", "conv1", "conv1_act"]),
+    (dict(pool=False, filters=5), 2, (7, 5), (5, 7, 5), ["conv0", "conv0_act", "conv1", "conv1_act"]),
+    (dict(pooling_stride=1, num_convs=1, filters=4), 2, (6, 6), (4, 6, 6), ["conv0", "conv0_act", "pool"]),
+    (dict(pooling_stride=3, num_convs=1, filters=4), 2, (7, 7), (4, 3, 3), ["conv0", "conv0_act", "pool"]),
     (dict(num_convs=0), 3, (8, 8), (3, 4, 4), ["pool"]),
     (dict(num_convs=3, kernel_size=5, filters=6, pool=False), 2, (9, 9), (6, 9, 9),
-     ["conv0", "act0", "conv1", "act1", "conv2", "act2"]),
-    (dict(kernel_size=2, filters=6, pool=False), 2, (5, 5), (6, 5, 5), ["conv0", "act0", "conv1", "act1"]),
-    (dict(use_bias=False, pool=False, num_convs=1, filters=4), 2, (4, 4), (4, 4, 4), ["conv0", "act0"]),
-    (dict(batch_norm=True, pool=False, num_convs=1, filters=4), 2, (4, 4), (4, 4, 4), ["conv0", "bn0", "act0"]),
+     ["conv0", "conv0_act", "conv1", "conv1_act", "conv2", "conv2_act"]),
+    (dict(kernel_size=2, filters=6, pool=False), 2, (5, 5), (6, 5, 5), ["conv0", "conv0_act", "conv1", "conv1_act"]),
+    (dict(use_bias=False, pool=False, num_convs=1, filters=4), 2, (4, 4), (4, 4, 4), ["conv0", "conv0_act"]),
+    (dict(batch_norm=True, pool=False, num_convs=1, filters=4), 2, (4, 4), (4, 4, 4), ["conv0", "bn0", "bn0_act"]),
     (dict(batch_norm=True, batch_norm_before_activation=False, pool=False, num_convs=1, filters=4), 2, (4, 4),
-     (4, 4, 4), ["conv0", "act0", "bn0"]),
-    (dict(activation="linear", pool=False, num_convs=1, filters=4), 2, (4, 4), (4, 4, 4), ["conv0", "act0"]),
-    (dict(activation="tanh", pool=False, num_convs=1, filters=4), 2, (4, 4), (4, 4, 4), ["conv0", "act0"]),
+     (4, 4, 4), ["conv0", "conv0_act", "bn0"]),
+    (dict(activation="linear", pool=False, num_convs=1, filters=4), 2, (4, 4), (4, 4, 4), ["conv0"]),
+    (dict(activation="tanh", pool=False, num_convs=1, filters=4), 2, (4, 4), (4, 4, 4), ["conv0", "conv0_act"]),
 ]
 
 
 @pytest.mark.parametrize("kwargs,cin,hw,expected,order", CONV_CASES)
 def test_conv_block_options(kwargs, cin, hw, expected, order):
     spec = SimpleConvBlock(**kwargs)
-    block = spec.make_block(cin, prefix="enc3")
+    block = spec.make_block(cin, "enc3")
     assert list(block._modules) == order
     y = block(torch.randn(2, cin, *hw))
     assert tuple(y.shape[1:]) == expected
@@ -45,7 +45,8 @@ def test_conv_block_options(kwargs, cin, hw, expected, order):
 
 
 def test_conv_block_prefix_names_layers_like_keras():
-    block = SimpleConvBlock(pool=False, num_convs=1, block_prefix="_middle_expand").make_block(2, prefix="stack0_enc5")
+    spec = SimpleConvBlock(pool=False, num_convs=1, block_prefix="_middle_expand")
+    block = spec.make_block(2, spec.block_name("stack0_enc5"))
     assert block.name == "stack0_enc5_middle_expand"
     assert list(keras_layers(torch.nn.ModuleDict({block.name: block}))) == ["stack0_enc5_middle_expand_conv0"]
 
@@ -78,7 +79,7 @@ def test_batch_norm_before_or_after_activation():
 
 
 def test_pooling_block():
-    block = PoolingBlock().make_block(4, prefix="stack0_enc4")
+    block = PoolingBlock().make_block(4, "stack0_enc4")
     assert list(block._modules) == ["last_pool"]
     assert block(torch.randn(1, 4, 7, 7)).shape == (1, 4, 4, 4)
     assert PoolingBlock(pool=False).make_block(4)(torch.ones(1, 4, 3, 3)).shape == (1, 4, 3, 3)
@@ -87,35 +88,35 @@ def test_pooling_block():
 
 UP_CASES = [
     # (spec kwargs, in_channels, skip_channels, output channels, modules)
-    (dict(), 4, None, 64, ["interp", "refine_conv0", "refine_conv0_bn", "refine_conv0_act",
-                          "refine_conv1", "refine_conv1_bn", "refine_conv1_act"]),
+    (dict(), 4, None, 64, ["interp_bilinear", "refine_conv0", "refine_conv0_bn", "refine_conv0_bn_act",
+                          "refine_conv1", "refine_conv1_bn", "refine_conv1_bn_act"]),
     (dict(transposed_conv=True, transposed_conv_filters=6, refine_convs=0), 4, None, 6,
-     ["trans_conv", "trans_conv_bn", "trans_conv_act"]),
+     ["trans_conv", "trans_conv_bn", "trans_conv_bn_act"]),
     (dict(transposed_conv=True, transposed_conv_filters=6, transposed_conv_batch_norm_before_activation=False,
           refine_convs=0), 4, None, 6, ["trans_conv", "trans_conv_act", "trans_conv_bn"]),
     (dict(transposed_conv=True, transposed_conv_filters=6, transposed_conv_batch_norm=False,
           transposed_conv_kernel_size=4, transposed_conv_use_bias=False, refine_convs=0), 4, None, 6,
      ["trans_conv", "trans_conv_act"]),
-    (dict(interp_method="nearest", refine_convs=0), 4, None, 4, ["interp"]),
+    (dict(interp_method="nearest", refine_convs=0), 4, None, 4, ["interp_nearest"]),
     (dict(skip_connection=True, refine_convs=1, refine_convs_filters=5, refine_convs_batch_norm=False), 4, 3, 5,
-     ["interp", "refine_conv0", "refine_conv0_act"]),
-    (dict(skip_connection=False, refine_convs=0), 4, 3, 4, ["interp"]),
-    (dict(skip_connection=True, skip_add=True, refine_convs=0), 4, 4, 4, ["interp"]),
-    (dict(skip_connection=True, skip_add=True, refine_convs=0), 4, 3, 4, ["interp", "skip_conv1x1"]),
+     ["interp_bilinear", "refine_conv0", "refine_conv0_act"]),
+    (dict(skip_connection=False, refine_convs=0), 4, 3, 4, ["interp_bilinear"]),
+    (dict(skip_connection=True, skip_add=True, refine_convs=0), 4, 4, 4, ["interp_bilinear"]),
+    (dict(skip_connection=True, skip_add=True, refine_convs=0), 4, 3, 4, ["interp_bilinear", "skip_conv1x1"]),
     (dict(refine_convs=3, refine_convs_first_filters=7, refine_convs_filters=5, refine_convs_kernel_size=5,
           refine_convs_batch_norm=False, refine_convs_use_bias=False), 4, None, 5,
-     ["interp", "refine_conv0", "refine_conv0_act", "refine_conv1", "refine_conv1_act", "refine_conv2", "refine_conv2_act"]),
+     ["interp_bilinear", "refine_conv0", "refine_conv0_act", "refine_conv1", "refine_conv1_act", "refine_conv2", "refine_conv2_act"]),
     (dict(refine_convs=1, refine_convs_batch_norm_before_activation=False), 4, None, 64,
-     ["interp", "refine_conv0", "refine_conv0_act", "refine_conv0_bn"]),
+     ["interp_bilinear", "refine_conv0", "refine_conv0_act", "refine_conv0_bn"]),
     (dict(upsampling_stride=3, transposed_conv=True, transposed_conv_kernel_size=2, transposed_conv_filters=3,
-          refine_convs=0), 4, None, 3, ["trans_conv", "trans_conv_bn", "trans_conv_act"]),
+          refine_convs=0), 4, None, 3, ["trans_conv", "trans_conv_bn", "trans_conv_bn_act"]),
 ]
 
 
 @pytest.mark.parametrize("kwargs,cin,skip_c,out_c,order", UP_CASES)
 def test_upsampling_block_options(kwargs, cin, skip_c, out_c, order):
     spec = SimpleUpsamplingBlock(**kwargs)
-    block = spec.make_block(cin, skip_c, prefix="stack0_dec1", current_stride=8).train()
+    block = spec.make_block(cin, spec.block_name("stack0_dec1", 8), skip_c).train()
     assert block.name == f"stack0_dec1_s8_to_s{8 // spec.upsampling_stride}"
     assert [k for k in block._modules if block._modules[k] is not None] == order
     s = spec.upsampling_stride
@@ -124,12 +125,12 @@ def test_upsampling_block_options(kwargs, cin, skip_c, out_c, order):
     assert tuple(y.shape) == (2, out_c, 5 * s, 4 * s)
     assert spec.out_channels(cin, skip_c) == out_c == block.out_channels
     assert sum(p.numel() for p in block.parameters()) == spec.num_params(cin, skip_c)
-    weighted = {layer.name for layer in spec.layers(cin, skip_c, block.name) if layer.params}
+    weighted = {layer.name for layer in spec.layers(cin, block.name, skip_c) if layer.params}
     assert set(keras_layers(torch.nn.ModuleDict({block.name: block}))) == weighted
 
 
 def test_concat_puts_the_skip_first():
-    block = SimpleUpsamplingBlock(skip_connection=True, interp_method="nearest", refine_convs=0).make_block(2, 3)
+    block = SimpleUpsamplingBlock(skip_connection=True, interp_method="nearest", refine_convs=0).make_block(2, skip_channels=3)
     x, skip = torch.randn(1, 2, 3, 3), torch.randn(1, 3, 6, 6)
     y = block(x, skip)
     assert torch.equal(y[:, :3], skip)
@@ -137,10 +138,10 @@ def test_concat_puts_the_skip_first():
 
 
 def test_skip_add_adds_and_projects_with_a_linear_1x1_conv():
-    same = SimpleUpsamplingBlock(skip_connection=True, skip_add=True, interp_method="nearest", refine_convs=0).make_block(2, 2)
+    same = SimpleUpsamplingBlock(skip_connection=True, skip_add=True, interp_method="nearest", refine_convs=0).make_block(2, skip_channels=2)
     x, skip = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 6, 6)
     torch.testing.assert_close(same(x, skip), skip + x.repeat_interleave(2, 2).repeat_interleave(2, 3))
-    proj = SimpleUpsamplingBlock(skip_connection=True, skip_add=True, interp_method="nearest", refine_convs=0).make_block(2, 5)
+    proj = SimpleUpsamplingBlock(skip_connection=True, skip_add=True, interp_method="nearest", refine_convs=0).make_block(2, skip_channels=5)
     skip5 = torch.randn(1, 5, 6, 6)
     expected = proj.skip_conv1x1(skip5) + x.repeat_interleave(2, 2).repeat_interleave(2, 3)
     torch.testing.assert_close(proj(x, skip5), expected)
@@ -162,7 +163,7 @@ def test_transposed_conv_activation_linear_keeps_negative_values():
 
 
 def test_block_built_with_a_skip_requires_one():
-    block = SimpleUpsamplingBlock(skip_connection=True, refine_convs=0).make_block(2, 3, prefix="dec0")
+    block = SimpleUpsamplingBlock(skip_connection=True, refine_convs=0).make_block(2, "dec0", 3)
     with pytest.raises(ValueError, match="dec0"):
         block(torch.randn(1, 2, 3, 3))
 

@@ -95,7 +95,7 @@ def test_deleted_weight_is_a_mismatch(reference, tmp_path):
 
 def test_batch_norm_weights_load_into_the_running_statistics(tmp_path):
     spec = flexunet.SimpleConvBlock(pool=False, num_convs=1, filters=3, batch_norm=True)
-    block = torch.nn.ModuleDict({"enc0": spec.make_block(2, prefix="enc0")})
+    block = torch.nn.ModuleDict({"enc0": spec.make_block(2, "enc0")})
     values = {"gamma:0": [1.0, 2.0, 3.0], "beta:0": [0.1, 0.2, 0.3], "moving_mean:0": [4.0, 5.0, 6.0],
               "moving_variance:0": [7.0, 8.0, 9.0]}
     path = tmp_path / "bn.h5"
