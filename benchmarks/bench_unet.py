@@ -157,6 +157,12 @@ def main() -> int:
         a, b = interleaved(bf16, peer_fp32 or (lambda: None), args.repeats)
         record("inference bf16 autocast", a, b if peer else None, "bf16", 2.8, extra={"max_rel_error": err})
 
+        # torch.compile keeps flexunet's operators and fuses around them: compared with flexunet's own eager.
+        compiled = torch.compile(ours, fullgraph=True)
+        err = float((compiled(x) - reference).abs().max() / reference.abs().max())
+        a, b = interleaved(lambda: compiled(x), lambda: ours(x), args.repeats)
+        record("torch.compile fp32", a, b, "fp32", 1.0, extra={"max_rel_error": err, "peer": "flexunet eager"})
+
         for dtype, name, goal, tol in ((torch.float32, "fast path fp32", 1.7, 1e-4),
                                        (torch.bfloat16, "fast path bf16", 3.2, 0.05)):
             runner = flexunet.optimize_for_inference(ours, x, dtype)
@@ -196,6 +202,8 @@ def main() -> int:
     print("-" * len(header))
     for name, a, b, ratio, goal, gf, frac, extra in rows:
         note = f"max rel err {extra['max_rel_error']:.1e}" if "max_rel_error" in extra else ""
+        if "peer" in extra:
+            note += f"; peer column: {extra['peer']}"
         print(f"{name:26} {a:8.3f}s {(f'{b:.3f}s' if b else '-'):>9} {(f'{ratio:.2f}x' if ratio else '-'):>6} "
               f"{(f'{goal:.2f}x' if goal else ''):>6} {gf:8.0f} {frac:5.0%}  {note}")
     print()

@@ -15,10 +15,10 @@ the only choice:
 * while exporting (`torch.export`, ONNX) or scripting: exported graphs hold
   standard operators that any runtime executes;
 * off the CPU, or for dtypes other than float32 and bfloat16;
-* in training, except 3x3 float32 convolutions with at least
-  `MIN_TRAINING_TILES` 4x4 output tiles (the operator then also computes the
-  input gradient; oneDNN's own backward wins on smaller maps and for
-  transposed convolutions).
+* in training, except 3x3 float32 convolutions with enough 4x4 output tiles
+  for their channel count (`MIN_TRAINING_TILES`; the operator then also
+  computes the input gradient; oneDNN's own backward wins on smaller maps and
+  for transposed convolutions).
 
 Under `torch.autocast` the operators compute in the autocast dtype with weights
 cast once and cached, not at every call.
@@ -32,9 +32,11 @@ import torch
 
 from flexunet.kernels import native, ops
 
-# Fewer 4x4 output tiles per batch than this: the kernel transforms each training step recomputes
-# (forward and input gradient) cost more than the fused kernel saves (measured on the default UNet).
-MIN_TRAINING_TILES = 512
+# Training: (fewest input/output channels, fewest 4x4 output tiles per batch) from which the fused
+# kernel's forward + input gradient beat oneDNN's, although every step transforms the kernel twice.
+# Measured per layer, 2 threads: 512->512 @24x24 (144 tiles) 128 vs 173 ms, 256->256 @12x12 (36)
+# 12 vs 15 ms, 128->128 @24x24 10 vs 8.4 ms, but 64->64 @24x24 3.3 vs 2.7 ms.
+MIN_TRAINING_TILES = ((256, 32), (128, 128), (16, 512))
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -61,7 +63,9 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
     dtype = compute_dtype(x)
     if _tracked(x, weight):
         n, _, h, w = x.shape
-        if not (dtype == x.dtype == weight.dtype == torch.float32 and n * h * w >= 16 * MIN_TRAINING_TILES):
+        channels, tiles = min(weight.shape[:2]), n * -(-h // 4) * -(-w // 4)
+        pays = any(channels >= c and tiles >= t for c, t in MIN_TRAINING_TILES)
+        if not (dtype == x.dtype == weight.dtype == torch.float32 and pays):
             return None
     return torch.ops.flexunet.conv3x3(x, weight, bias, dtype)
 

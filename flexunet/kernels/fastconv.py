@@ -125,6 +125,26 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return _winograd_output(torch.bmm(v, u), bias, tiling)  # the bmm is the only O(Cin * Cout) work
 
 
+def winograd_weight_grad(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of a 3x3 'same' convolution, computed in Winograd F(4x4, 3x3) space.
+
+    dU = V^T dM per tile position (V: the input tiles, dM: the output transform's
+    adjoint applied to `grad_out`), then dW = G^T dU: one batched product where
+    the direct weight gradient needs a full correlation of input and gradient.
+
+    Returns:
+        (Cout, Cin, 3, 3), in `x`'s dtype.
+    """
+    v, t = _winograd_input(x.contiguous(memory_format=torch.channels_last), 4)  # (36, tiles, Cin)
+    _, gg, aa = winograd_matrices(4, grad_out.dtype)
+    cout, cin = grad_out.shape[1], x.shape[1]
+    g = F.pad(grad_out.permute(0, 2, 3, 1), (0, 0, 0, 4 * t.tw - t.w, 0, 4 * t.th - t.h))
+    g = g.reshape(t.n, t.th, 4, t.tw, 4, cout).permute(2, 4, 0, 1, 3, 5).reshape(16, -1)
+    grad_m = (aa.t() @ g).view(36, -1, cout)  # adjoint of the output transform
+    grad_u = torch.bmm(v.transpose(1, 2), grad_m)  # (36, Cin, Cout)
+    return (gg.t() @ grad_u.view(36, -1)).view(3, 3, cin, cout).permute(3, 2, 0, 1)
+
+
 def _store(value: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     """out[...] = value + bias in one pass (autograd-safe when gradients are on)."""
     tracked = value.requires_grad or out.requires_grad or (bias is not None and bias.requires_grad)

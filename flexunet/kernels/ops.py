@@ -128,7 +128,11 @@ def _conv3x3_backward(ctx, grad):
         # The input gradient of a 'same' 3x3 convolution is one too: kernel flipped, channels swapped.
         grad_x = torch.ops.flexunet.conv3x3(grad, weight.flip(2, 3).transpose(0, 1), None, ctx.dtype)
     need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-    if need_w or need_b:
+    if min(weight.shape[:2]) >= TORCH_WINOGRAD_MIN_CHANNELS and x.dtype == torch.float32:
+        # Wide layers: the weight gradient as one batched product in Winograd space.
+        grad_w = fastconv.winograd_weight_grad(x, grad) if need_w else None
+        grad_b = grad.sum((0, 2, 3)) if need_b else None
+    elif need_w or need_b:
         _, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad.to(x.dtype), x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1],
             False, [0, 0], 1, [False, need_w, need_b])
