@@ -60,9 +60,9 @@ def _tracing_input(model: nn.Module, x: torch.Tensor, stride: int) -> torch.Tens
 
 def output_names(model: nn.Module) -> list[str]:
     """ONNX output names: head names for SLEAP models, `output` (or `output_{stack}`) for UNets."""
-    specs = getattr(model, "head_specs", None)
-    if specs is not None:
-        return [name for name, _, _ in model._routes]
+    names = getattr(model, "output_names", None)
+    if names is not None:
+        return list(names)
     stacks = getattr(model, "stacks", 1)
     return ["output"] if stacks == 1 else [f"output_{i}" for i in range(stacks)]
 

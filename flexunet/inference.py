@@ -68,7 +68,7 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor, dtype:
     The copy is frozen (eval mode, no gradients), stored in `dtype` and in
     channels-last memory, and run once on `example_input` so that every
     transformed kernel (Winograd) is computed before the first real call. The
-    flexunet CPU kernels (`flexunet.native`, or their pure-PyTorch fallbacks) run
+    flexunet CPU kernels (`flexunet.kernels`: native, or their pure-PyTorch fallbacks) run
     in eager mode, where they beat compiled direct convolutions, so no graph
     compiler is involved. Outputs come back in the input's dtype. With `tune_allocator`
     (default), glibc's malloc is also told to keep large freed blocks for reuse

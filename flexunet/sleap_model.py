@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -10,6 +10,14 @@ from torch import nn
 from flexunet.encoder_decoder import crop_to_input
 from flexunet.heads import HeadSpec
 from flexunet.unet import UNet
+
+class HeadRoute(NamedTuple):
+    """Where a head reads: the backbone output of `stack`, or its decoder input number `feature`."""
+
+    name: str
+    stack: int
+    feature: Optional[int]
+
 
 # ITU-R 601 luma weights, as torchvision's `rgb_to_grayscale` (which sleap-nn calls) uses them.
 RGB_TO_GRAY = (0.2989, 0.587, 0.114)
@@ -64,9 +72,9 @@ class SleapModel(nn.Module):
             if spec.name in modules:
                 raise ValueError(f"head names must be unique, {spec.name!r} appears twice.")
             modules[spec.name] = spec.make_head(channels)
-            self._routes.append((spec.name, spec.stack, route))
+            self._routes.append(HeadRoute(spec.name, spec.stack, route))
         self.heads = nn.ModuleDict(modules)
-        self._needs_features = any(route is not None for _, _, route in self._routes)
+        self._needs_features = any(r.feature is not None for r in self._routes)
 
     @property
     def in_channels(self) -> int:
@@ -108,13 +116,18 @@ class SleapModel(nn.Module):
         # Heads see the padded features (as SLEAP runs them on padded images); maps are cropped after.
         outputs, features, size, _ = self.backbone.run(x, keep_features=self._needs_features)
         result = {}
-        for spec, (name, stack, route) in zip(self.head_specs, self._routes):
-            source = outputs[stack] if route is None else features[stack][route].tensor
-            out = self.heads[name](source)
+        for spec, route in zip(self.head_specs, self._routes):
+            source = outputs[route.stack] if route.feature is None else features[route.stack][route.feature].tensor
+            out = self.heads[route.name](source)
             if size is not None and not spec.is_vector:
-                out = crop_to_input(out, spec.output_stride, size)
-            result[name] = out
+                out = crop_to_input(out, spec.output_stride, size)  # maps only, not class vectors
+            result[route.name] = out
         return result
+
+    @property
+    def output_names(self) -> list[str]:
+        """The keys of `forward`'s dict, in order."""
+        return [route.name for route in self._routes]
 
     def to_config(self) -> dict[str, Any]:
         """Everything needed to rebuild the model (see `flexunet.save`)."""
