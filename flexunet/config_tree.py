@@ -7,19 +7,32 @@ import os
 import warnings
 from typing import Any, Optional
 
+import yaml
+
 
 def read_json(path: str | os.PathLike) -> Any:
     """Parse a JSON file; a missing file is `FileNotFoundError`, bad JSON a `ValueError` naming it."""
+    return _parse(path, "JSON", json.load, json.JSONDecodeError)
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """Parse a YAML file with `yaml.safe_load` (no tags, nothing executed); errors as `read_json`."""
+    return _parse(path, "YAML", yaml.safe_load, yaml.YAMLError)
+
+
+def _parse(path: str | os.PathLike, kind: str, load, error: type) -> Any:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     try:
         with open(path, encoding="utf8") as f:
-            return json.load(f)
+            return load(f)
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not a UTF-8 JSON file: {err}") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+        raise ValueError(f"{path} is not a UTF-8 {kind} file: {err}") from None
+    except error as err:
+        raise ValueError(f"{path} is not valid {kind}: {' '.join(str(err).split())}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a config file.") from None
 
 
 class ConfigNode:

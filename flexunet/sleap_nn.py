@@ -23,10 +23,9 @@ import os
 from typing import Any, Optional
 
 import torch
-import yaml
 
 from flexunet.checkpoint import read_state_dict
-from flexunet.config_tree import ConfigNode
+from flexunet.config_tree import ConfigNode, read_yaml
 from flexunet.heads import HEAD_KINDS, HeadSpec
 from flexunet.keras import keras_layers
 from flexunet.sleap_model import SleapModel
@@ -59,27 +58,6 @@ MODEL_TYPES: dict[str, list[tuple[str, str, set]]] = {
 }
 _MODEL_CONFIG_KEYS = {"backbone_config", "head_configs", "init_weights", "pretrained_backbone_weights",
                       "pretrained_head_weights", "total_params"}
-
-
-def read_yaml(path: str | os.PathLike) -> Any:
-    """Parse a YAML file with `yaml.safe_load` (no tags, nothing executed).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: naming the file, when it is not valid UTF-8 YAML.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        with open(path, encoding="utf8") as f:
-            return yaml.safe_load(f)
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not a UTF-8 YAML file: {err}") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
-    except RecursionError:
-        raise ValueError(f"{path} is nested too deeply to be a sleap-nn config.") from None
 
 
 # --------------------------------------------------------------------- config
