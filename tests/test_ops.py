@@ -18,7 +18,7 @@ def test_conv3x3_passes_pytorchs_operator_checks(cin, cout, dtype):
     x = torch.randn(2, cin, 9, 7, requires_grad=dtype == torch.float32)
     weight = torch.randn(cout, cin, 3, 3, requires_grad=dtype == torch.float32)
     bias = torch.randn(cout, requires_grad=dtype == torch.float32)
-    torch.library.opcheck(CONV3X3, (x, weight, bias, dtype))
+    torch.library.opcheck(CONV3X3, (x, weight, bias, dtype, dtype == torch.bfloat16))
 
 
 @pytest.mark.parametrize("cin,cout,k,stride,crop", [(16, 32, 3, 2, 0), (16, 16, 3, 2, 1), (5, 7, 5, 3, 1)])
@@ -31,7 +31,7 @@ def test_conv_transpose_passes_pytorchs_operator_checks(cin, cout, k, stride, cr
 def test_conv3x3_equals_a_padded_convolution(cin, cout):
     x, weight, bias = torch.randn(2, cin, 13, 10), torch.randn(cout, cin, 3, 3), torch.randn(cout)
     want = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
-    got = torch.ops.flexunet.conv3x3(x, weight, bias, torch.float32)
+    got = torch.ops.flexunet.conv3x3(x, weight, bias, torch.float32, True)
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert float((got.double() - want).abs().max() / want.abs().max()) < 5e-5
 

@@ -61,13 +61,14 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
     if not _eligible(x):
         return None
     dtype = compute_dtype(x)
-    if _tracked(x, weight):
+    tracked = _tracked(x, weight)
+    if tracked:
         n, _, h, w = x.shape
         channels, tiles = min(weight.shape[:2]), n * -(-h // 4) * -(-w // 4)
         pays = any(channels >= c and tiles >= t for c, t in MIN_TRAINING_TILES)
         if not (dtype == x.dtype == weight.dtype == torch.float32 and pays):
             return None
-    return torch.ops.flexunet.conv3x3(x, weight, bias, dtype)
+    return torch.ops.flexunet.conv3x3(x, weight, bias, dtype, not tracked)
 
 
 def conv_transpose(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,

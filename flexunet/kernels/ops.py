@@ -3,7 +3,7 @@
 Each operator has one meaning, stated in TensorFlow's terms, and picks its
 fastest implementation at run time:
 
-* `conv3x3(x, weight, bias, dtype)`: 3x3 stride-1 convolution with one zero
+* `conv3x3(x, weight, bias, dtype, cache)`: 3x3 stride-1 convolution with one zero
   pixel of padding on every side (TensorFlow's 'same' for k=3), computed in
   `dtype`. Native fused Winograd kernels where they apply, Winograd as batched
   matrix products from 256 channels, else oneDNN's direct convolution.
@@ -16,8 +16,8 @@ fastest implementation at run time:
 Both return channels-last tensors. Each has a fake (meta) implementation, so
 `torch.compile(fullgraph=True)` keeps them as single nodes and fuses around them;
 `conv3x3` also has an autograd formula (its input gradient is the same operator
-with the kernel flipped). Transformed, packed or cast weights are cached per
-weight tensor and refreshed whenever it changes (`WeightCache`).
+with the kernel flipped). In inference, transformed, packed or cast weights are
+cached per weight tensor and refreshed whenever it changes (`WeightCache`).
 """
 
 from __future__ import annotations
@@ -72,10 +72,16 @@ class WeightCache:
 CACHE = WeightCache()
 
 
-def _cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _derived(weight: torch.Tensor, kind: tuple, make: Callable[[], torch.Tensor], cache: bool) -> torch.Tensor:
+    """`make()`, kept in `CACHE` when `cache` (inference). Training changes the weights every step:
+    keeping a transformed copy of each between steps would only hold memory."""
+    return CACHE.get(weight, kind, make) if cache else make()
+
+
+def _cast(weight: torch.Tensor, dtype: torch.dtype, cache: bool) -> torch.Tensor:
     if weight.dtype == dtype:
         return weight
-    return CACHE.get(weight, ("cast", dtype), lambda: weight.detach().to(dtype))
+    return _derived(weight, ("cast", dtype), lambda: weight.detach().to(dtype), cache)
 
 
 def _bias(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -86,36 +92,38 @@ def _bias(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Te
 
 
 @torch.library.custom_op("flexunet::conv3x3", mutates_args=(), device_types="cpu")
-def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """3x3 'same' convolution of (N, Cin, H, W) `x` with (Cout, Cin, 3, 3) `weight`, in `dtype`."""
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype,
+            cache: bool) -> torch.Tensor:
+    """3x3 'same' convolution of (N, Cin, H, W) `x` with (Cout, Cin, 3, 3) `weight`, in `dtype`;
+    `cache` keeps the transformed weight for the next call (inference)."""
     with torch.autocast("cpu", enabled=False):  # exactly `dtype`, whatever the caller's autocast state
-        return _conv3x3(x, weight, bias, dtype)
+        return _conv3x3(x, weight, bias, dtype, cache)
 
 
-def _conv3x3(x, weight, bias, dtype):
+def _conv3x3(x, weight, bias, dtype, cache):
     cout, cin = weight.shape[:2]
     if native.supports_winograd(dtype, cin, cout) and native.available():
-        packed = CACHE.get(weight, ("winograd", dtype), lambda: native.transform_kernel(weight, dtype))
+        packed = _derived(weight, ("winograd", dtype), lambda: native.transform_kernel(weight, dtype), cache)
         return native.winograd_conv3x3(x, packed, bias)
     if min(cin, cout) >= TORCH_WINOGRAD_MIN_CHANNELS:
         tile = fastconv.winograd_tile(dtype)
-        kernel = CACHE.get(weight, ("torch-winograd", dtype),
-                           lambda: fastconv.winograd_kernel(weight.detach().float(), tile).to(dtype))
+        kernel = _derived(weight, ("torch-winograd", dtype),
+                           lambda: fastconv.winograd_kernel(weight.detach().float(), tile).to(dtype), cache)
         return fastconv.winograd_conv3x3(x.to(dtype).contiguous(memory_format=CHANNELS_LAST), weight, bias,
                                          kernel=kernel, tile=tile)
-    y = F.conv2d(x.to(dtype).contiguous(memory_format=CHANNELS_LAST), _cast(weight, dtype), _bias(bias, dtype),
+    y = F.conv2d(x.to(dtype).contiguous(memory_format=CHANNELS_LAST), _cast(weight, dtype, cache), _bias(bias, dtype),
                  padding=1)
     return y.contiguous(memory_format=CHANNELS_LAST)
 
 
 @conv3x3.register_fake
-def _(x, weight, bias, dtype):
+def _(x, weight, bias, dtype, cache):
     return torch.empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), dtype=dtype, device=x.device,
                        memory_format=CHANNELS_LAST)
 
 
 def _conv3x3_setup(ctx, inputs, output):
-    x, weight, bias, dtype = inputs
+    x, weight, bias, dtype, _ = inputs
     ctx.save_for_backward(x, weight)
     ctx.has_bias, ctx.dtype = bias is not None, dtype
 
@@ -126,7 +134,7 @@ def _conv3x3_backward(ctx, grad):
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
         # The input gradient of a 'same' 3x3 convolution is one too: kernel flipped, channels swapped.
-        grad_x = torch.ops.flexunet.conv3x3(grad, weight.flip(2, 3).transpose(0, 1), None, ctx.dtype)
+        grad_x = torch.ops.flexunet.conv3x3(grad, weight.flip(2, 3).transpose(0, 1), None, ctx.dtype, False)
     need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
     if min(weight.shape[:2]) >= TORCH_WINOGRAD_MIN_CHANNELS and x.dtype == torch.float32:
         # Wide layers: the weight gradient as one batched product in Winograd space.
@@ -136,7 +144,7 @@ def _conv3x3_backward(ctx, grad):
         _, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad.to(x.dtype), x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1],
             False, [0, 0], 1, [False, need_w, need_b])
-    return grad_x, grad_w, grad_b, None
+    return grad_x, grad_w, grad_b, None, None
 
 
 conv3x3.register_autograd(_conv3x3_backward, setup_context=_conv3x3_setup)
@@ -157,10 +165,10 @@ def _conv_transpose_same(x, weight, bias, stride, crop, dtype):
     cin, cout, k = weight.shape[0], weight.shape[1], weight.shape[-1]
     keras_k3s2 = k == 3 and stride == 2 and crop == 0
     if keras_k3s2 and native.supports_transposed(dtype, cin, cout, k, stride) and native.available():
-        packed = CACHE.get(weight, ("transposed", dtype), lambda: native.pack_transposed(weight, dtype))
+        packed = _derived(weight, ("transposed", dtype), lambda: native.pack_transposed(weight, dtype), True)
         return native.transposed_conv_k3s2(x, packed, bias)
     x = x.to(dtype).contiguous(memory_format=CHANNELS_LAST)
-    return fastconv.transposed_conv(x, _cast(weight, dtype), _bias(bias, dtype), stride, crop)
+    return fastconv.transposed_conv(x, _cast(weight, dtype, True), _bias(bias, dtype), stride, crop)
 
 
 @conv_transpose_same.register_fake
