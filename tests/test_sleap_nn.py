@@ -55,6 +55,9 @@ def test_every_sleap_nn_folder_loads_with_its_heads(name):
     model = load_model(folder(name))
     assert model.in_channels == channels and not model.training
     assert model.backbone.alignment == "sleap_nn" and model.convert_channels
+    # sleap-nn wrote its own parameter count into the config it trained from.
+    total = yaml.safe_load((folder(name) / "training_config.yaml").read_text())["model_config"]["total_params"]
+    assert sum(p.numel() for p in model.parameters()) == total
     with torch.inference_mode():
         out = model(torch.rand(1, channels, 192, 192))
     assert {k: tuple(v.shape[1:]) for k, v in out.items()} == expected
