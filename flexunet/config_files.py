@@ -5,7 +5,6 @@ a SLEAP `training_config.json`, a sleap-nn `training_config.yaml`, or a flexunet
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from torch import nn
 

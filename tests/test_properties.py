@@ -5,7 +5,6 @@ hyperparameters alone (SLEAP's filter rule and skip rule), independently of
 flexunet's specs; shapes and strides against what the hyperparameters imply.
 """
 
-import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
