@@ -5,12 +5,14 @@ torch, numpy, omegaconf and loguru. Install it with `pip install --no-deps sleap
 antlr4-python3-runtime pyyaml loguru`.
 """
 
+import functools
 import importlib
 import importlib.util
 import sys
 import types
 
 
+@functools.lru_cache(maxsize=None)
 def sleap_nn_unet_class():
     """sleap-nn's `UNet` class, or None when sleap-nn is not installed."""
     spec = importlib.util.find_spec("sleap_nn")
