@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import flexunet
 from flexunet import kernels
+from flexunet.kernels import native
 from flexunet.layers import Conv2dSame, ConvTranspose2dSame
 
 CONV3X3 = torch.ops.flexunet.conv3x3.default
@@ -27,12 +28,27 @@ def test_conv_transpose_passes_pytorchs_operator_checks(cin, cout, k, stride, cr
     torch.library.opcheck(TRANSPOSED, (x, weight, bias, stride, crop, torch.float32))
 
 
-@pytest.mark.parametrize("cin,cout", [(16, 32), (3, 8), (256, 256)])
+@pytest.mark.parametrize("cin,cout", [(16, 32), (3, 8), (256, 256), (54, 81), (121, 60)])
 def test_conv3x3_equals_a_padded_convolution(cin, cout):
     x, weight, bias = torch.randn(2, cin, 13, 10), torch.randn(cout, cin, 3, 3), torch.randn(cout)
     want = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
     got = torch.ops.flexunet.conv3x3(x, weight, bias, torch.float32, True)
     assert got.is_contiguous(memory_format=torch.channels_last)
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 5e-5
+
+
+@pytest.mark.parametrize("cin,cout,native_calls", [(54, 81, 1), (81, 121, 1), (36, 54, 0), (24, 24, 0)])
+def test_odd_channel_counts_use_the_native_kernel_on_padded_channels(cin, cout, native_calls, monkeypatch):
+    """filters_rate 1.5 gives 54, 81, 121 channels: from 48 on they run on the native kernel, padded to 16s."""
+    if not native.available():
+        pytest.skip("native kernels unavailable here (no C compiler)")
+    calls = []
+    original = native.winograd_conv3x3
+    monkeypatch.setattr(native, "winograd_conv3x3", lambda *a, **k: calls.append(a[1].shape) or original(*a, **k))
+    x, weight, bias = torch.randn(2, cin, 9, 7), torch.randn(cout, cin, 3, 3), torch.randn(cout)
+    got = torch.ops.flexunet.conv3x3(x, weight, bias, torch.float32, True)
+    want = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    assert len(calls) == native_calls
     assert float((got.double() - want).abs().max() / want.abs().max()) < 5e-5
 
 
