@@ -1,13 +1,16 @@
-"""flexunet vs sleap-nn on the UNets SLEAP users train: SLEAP's baseline profiles at the sizes they run.
+"""flexunet vs sleap-nn and Keras on the UNets SLEAP users train: SLEAP's profiles at the sizes they run.
 
-Each system runs in its own worker process (one per system, kept alive); the parent asks them for one
-timed call at a time, alternating which goes first every round, and reports medians as ratios:
+Each system runs in its own worker process (one per system, kept alive: TensorFlow's thread pools
+would slow whatever ran after them in one process); the parent asks them for one timed call at a time,
+rotating which goes first every round, and reports medians as ratios against the faster peer:
 
-    python benchmarks/bench_profiles.py --rounds 5 --json benchmarks/results/profiles.json
+    python benchmarks/bench_profiles.py --rounds 5 --keras-python /path/to/tf/bin/python
 
-Rows per case: fp32 inference, bf16 autocast inference (against the peer's fp32) and an Adam training
-step in fp32 (MSE on the output). The peer is sleap-nn's UNet built with the same layout (see
-`peers.py`; `pip install --no-deps sleap-nn omegaconf antlr4-python3-runtime pyyaml loguru`).
+Rows per case: fp32 inference (target 1.5x), bf16 autocast inference against the peer's fp32 (2.5x)
+and an Adam training step in fp32, MSE on the output (1.3x). Peers: sleap-nn's UNet with the same
+layout (`peers.py`; `pip install --no-deps sleap-nn omegaconf antlr4-python3-runtime pyyaml loguru`),
+and SLEAP's original layout in tf-keras (`keras_peer.py`; an interpreter with `tensorflow` and
+`tf-keras`, given by `--keras-python`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ CASES = {
         dict(filters=16, filters_rate=2, max_stride=16, output_stride=2), (4, 384, 1)),
 }
 MODES = ("inference fp32", "inference bf16", "training fp32")
+TARGETS = {"inference fp32": 1.5, "inference bf16": 2.5, "training fp32": 1.3}
+PEER_MODES = ("inference fp32", "training fp32")  # peers are compared in fp32
 
 
 # ----------------------------------------------------------------------------- worker
@@ -68,6 +73,12 @@ def _build(system: str, layout: dict, channels: int):
 
 def worker(system: str, threads: int) -> None:
     """Answer `case<TAB>mode` lines on stdin with the seconds of one timed call."""
+    if system == "keras":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from keras_peer import worker as keras_worker
+
+        keras_worker(CASES, threads, sys.stdin, sys.stdout)
+        return
     import torch
 
     torch.set_num_threads(threads)
@@ -107,8 +118,8 @@ def worker(system: str, threads: int) -> None:
 
 
 class Worker:
-    def __init__(self, system: str, threads: int):
-        self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", system,
+    def __init__(self, system: str, threads: int, python: str = sys.executable):
+        self.process = subprocess.Popen([python, os.path.abspath(__file__), "--worker", system,
                                          "--threads", str(threads)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True)
 
@@ -130,37 +141,48 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per system and row (default 5)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per worker (default 2)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--keras-python", default=None,
+                        help="a Python with tensorflow and tf-keras for the Keras peer (default: no Keras peer)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.threads)
         return 0
     systems = {name: Worker(name, args.threads) for name in ("flexunet", "sleap-nn")}
+    if args.keras_python:
+        systems["keras"] = Worker("keras", args.threads, args.keras_python)
+    peers = [name for name in systems if name != "flexunet"]
     results = {}
     try:
         for case in CASES:
             for mode in MODES:
-                times = {name: [] for name in systems}
+                names = [n for n in systems if n == "flexunet" or mode in PEER_MODES]
+                times = {name: [] for name in names}
                 for r in range(args.rounds):
-                    for name in (list(systems) if r % 2 == 0 else list(systems)[::-1]):
+                    for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
                         times[name].append(systems[name].time(case, mode))
-                ours = statistics.median(times["flexunet"])
-                peer = statistics.median(times["sleap-nn"])
-                results.setdefault(case, {})[mode] = {"flexunet_s": ours, "sleap_nn_s": peer}
-                print(f"{case:50} {mode:15} flexunet {ours:7.3f}s  sleap-nn {peer:7.3f}s  {peer / ours:5.2f}x",
-                      flush=True)
+                results.setdefault(case, {})[mode] = {name: statistics.median(t) for name, t in times.items()}
     finally:
         for w in systems.values():
             w.close()
-    # bf16 is compared with the peer's fp32, as users would switch.
-    print()
+    header = f"{'case':50} {'row':15} {'flexunet':>9} " + " ".join(f"{p:>9}" for p in peers) + "  speed-up target"
+    print(header)
+    print("-" * len(header))
     for case, rows in results.items():
-        bf16 = rows["inference fp32"]["sleap_nn_s"] / rows["inference bf16"]["flexunet_s"]
-        print(f"{case:50} bf16 vs sleap-nn fp32: {bf16:5.2f}x")
+        for mode in MODES:
+            ours = rows[mode]["flexunet"]
+            peer_mode = "inference fp32" if mode == "inference bf16" else mode  # bf16 against the peers' fp32
+            faster = min(rows[peer_mode][p] for p in peers)
+            ratio = faster / ours
+            rows[mode]["speed_up"] = ratio
+            cells = " ".join(f"{rows[peer_mode][p]:8.3f}s" for p in peers)
+            mark = "" if ratio >= TARGETS[mode] else "  short"
+            print(f"{case:50} {mode:15} {ours:8.3f}s {cells}  {ratio:6.2f}x {TARGETS[mode]:5.1f}x{mark}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "rounds": args.rounds, "cases": results}, f, indent=2)
+            json.dump({"threads": args.threads, "rounds": args.rounds, "peers": peers, "cases": results}, f,
+                      indent=2)
     return 0
 
 
