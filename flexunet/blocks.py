@@ -75,12 +75,14 @@ def _conv(name: str, kind: str, kernel: int, cin: int, cout: int, bias: bool, ac
                      activation, bias, alignment=alignment)
 
 
-def _conv_with_bn(conv: LayerInfo, batch_norm: bool, bn_first: bool, activation: str) -> list[LayerInfo]:
-    """A convolution and its optional batch norm, the activation after whichever comes second in Keras."""
+def _conv_with_bn(conv: LayerInfo, batch_norm: bool, bn_first: bool, activation: str,
+                  bn_name: Optional[str] = None) -> list[LayerInfo]:
+    """A convolution and its optional batch norm (Keras name `bn_name`, default `{conv}_bn`),
+    the activation after whichever comes second in Keras."""
     if not batch_norm:
         return [dataclasses.replace(conv, activation=activation)]
     c = conv.out_channels
-    bn = LayerInfo(f"{conv.name}_bn", "BatchNormalization", 1, 1, 1, c, c, 2 * c)
+    bn = LayerInfo(bn_name or f"{conv.name}_bn", "BatchNormalization", 1, 1, 1, c, c, 2 * c)
     if bn_first:
         return [dataclasses.replace(conv, activation="linear"), dataclasses.replace(bn, activation=activation)]
     return [dataclasses.replace(conv, activation=activation), bn]
@@ -231,10 +233,8 @@ class SimpleConvBlock(EncoderBlock):
         c = in_channels
         for i in range(self.num_convs):
             conv = _conv(f"{name}_conv{i}", "Conv2D", self.kernel_size, c, self.filters, self.use_bias, "linear")
-            bn = _conv_with_bn(conv, self.batch_norm, self.batch_norm_before_activation, self.activation)
-            if self.batch_norm:  # Keras names these `{name}_bn{i}`
-                bn[1] = dataclasses.replace(bn[1], name=f"{name}_bn{i}")
-            out += bn
+            out += _conv_with_bn(conv, self.batch_norm, self.batch_norm_before_activation, self.activation,
+                                 bn_name=f"{name}_bn{i}")
             c = self.filters
         if self.pool and not self.pool_before_convs:
             out.append(pool(c))
@@ -310,10 +310,10 @@ class SimpleUpsamplingBlock(DecoderBlock):
         transposed_conv_batch_norm: Add batch normalization after it.
         transposed_conv_batch_norm_before_activation: BN before (True) or after the activation.
         transposed_conv_activation: Its Keras activation name.
-        alignment: Which side of the full transposed convolution loses the odd pixel
-            (kernel > stride, odd difference): "keras" (TensorFlow: bottom/right) or
-            "sleap_nn" (PyTorch's padding=(k-1)//2, output_padding=s-1: top/left).
-            Weights trained with one are wrong with the other.
+        alignment: How the 'same' output is cut from the full transposed convolution:
+            "keras" (TensorFlow) or "sleap_nn" (PyTorch's padding=(k-1)//2,
+            output_padding=s-1; odd kernels only). For SLEAP's k=3, s=2 the two are
+            one pixel apart: weights trained with one are wrong with the other.
         interp_method: "bilinear" (half-pixel centres) or "nearest".
         skip_connection: Join the skip source given at build/run time.
         skip_add: Join by addition (a 1x1 linear conv `skip_conv1x1` first maps the

@@ -34,7 +34,8 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch", "Size"): torch.Size,
     ("torch", "Tensor"): torch.Tensor,
     ("torch", "device"): torch.device,
-    **{("builtins", name): getattr(builtins, name) for name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "bool", "str", "bytes",
+    **{("builtins", name): getattr(builtins, name)
+       for name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "bool", "str", "bytes",
                     "bytearray", "complex", "slice")},
 }
 _ALLOWED.update({("torch", name): getattr(torch, name) for name in dir(torch)

@@ -31,26 +31,20 @@ def _model_for_summary(config: Optional[str], input_shape: Optional[list[int]]):
     if config is None:
         return UNet(in_channels=channels or 1)
     from flexunet.config_files import model_from_config_file
-    from flexunet.sleap import folder_kind
+    from flexunet.sleap import KERAS_FILES, SLEAP_NN_FILES
 
     path = os.path.abspath(config)
-    # A model folder, or the training config inside one: the weights say the input channels.
+    # A model folder, or the training config inside one with its weights: they say the input channels.
     folder = path if os.path.isdir(path) else os.path.dirname(path)
-    kind = folder_kind(folder) if os.path.basename(path) in _TRAINING_CONFIGS or os.path.isdir(path) else None
-    if os.path.isdir(path) or (kind is not None and _has_weights(folder)):
+    beside_weights = os.path.basename(path) in (KERAS_FILES[0], SLEAP_NN_FILES[0]) and any(
+        os.path.isfile(os.path.join(folder, files[1])) for files in (KERAS_FILES, SLEAP_NN_FILES))
+    if os.path.isdir(path) or beside_weights:
         model = _load_folder(folder)
         if channels is not None and channels != model.in_channels:
             raise ValueError(f"--input-shape has {channels} channels, but the model in {folder} takes "
                              f"{model.in_channels}.")
         return model
     return model_from_config_file(config, in_channels=channels)
-
-
-_TRAINING_CONFIGS = ("training_config.json", "training_config.yaml")
-
-
-def _has_weights(folder: str) -> bool:
-    return any(os.path.isfile(os.path.join(folder, name)) for name in ("best_model.h5", "best.ckpt"))
 
 
 def _load_folder(folder: str):
@@ -132,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "convert", help="convert a SLEAP model folder (or flexunet directory) and verify it",
         description="Convert MODEL_DIR (a SLEAP folder with training_config.json and best_model.h5, a "
-        "sleap-nn folder with training_config.yaml and best.ckpt, or a flexunet directory) to OUT: a directory (flexunet.save format) or a .onnx file. "
+        "sleap-nn folder with training_config.yaml and best.ckpt, or a flexunet directory) to OUT: a "
+        "directory (flexunet.save format) or a .onnx file. "
         "The result is run on a random input and compared with the source.",
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="SLEAP or sleap-nn model folder, or flexunet model directory")

@@ -92,5 +92,10 @@ class ConfigNode:
         return value
 
 
+def power_of_two(value) -> Optional[str]:
+    """A `check` for `ConfigNode.get`: strides must be 1, 2, 4, ..."""
+    return None if value >= 1 and not value & (value - 1) else "must be a power of two"
+
+
 def _tuple(kind) -> tuple:
     return kind if isinstance(kind, tuple) else (kind,)

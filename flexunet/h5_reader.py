@@ -28,13 +28,18 @@ def _text(value: Any) -> str:
     return value.decode("utf8") if isinstance(value, bytes) else str(value)
 
 
-def _open(path: str):
-    import h5py
-
+def check_path(path: str) -> None:
+    """`FileNotFoundError` / `IsADirectoryError` naming `path` unless it is a file."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"Keras weights file not found: {path}")
     if os.path.isdir(path):
         raise IsADirectoryError(f"Keras weights path is a directory, expected an .h5 file: {path}")
+
+
+def _open(path: str):
+    import h5py
+
+    check_path(path)
     try:
         return h5py.File(path, "r")
     except OSError as err:

@@ -112,10 +112,7 @@ def read_keras_file(path: str | os.PathLike) -> tuple[dict[str, dict[str, np.nda
 
 def _read(mode: str, path: str | os.PathLike) -> tuple:
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Keras weights file not found: {path}")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"Keras weights path is a directory, expected an .h5 file: {path}")
+    h5_reader.check_path(path)  # in this process: a missing file is no reason to start the helper
     command = _helper_command()
     if command is None:  # no interpreter to start (an embedded or frozen Python): read here
         return h5_reader.read(mode, path)

@@ -99,14 +99,13 @@ class ConvTranspose2dSame(nn.ConvTranspose2d):
         total = max(kernel_size - stride, 0)
         if alignment == "keras":
             # PyTorch crops `padding` on both sides; the odd pixel TF drops at the end is cropped after.
-            padding, output_padding, self.crop_start = total // 2, max(stride - kernel_size, 0), total // 2
+            padding, output_padding, self.crop_end = total // 2, max(stride - kernel_size, 0), total % 2
         else:
-            padding, output_padding = (kernel_size - 1) // 2, stride - 1
-            self.crop_start = padding
+            padding, output_padding, self.crop_end = (kernel_size - 1) // 2, stride - 1, 0
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          output_padding=output_padding, bias=bias)
         self.alignment = alignment
-        self.crop_end = total % 2 if alignment == "keras" else 0
+        self.crop_start = padding  # rows of the full output before the kept ones
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.alignment == "keras" else f", alignment={self.alignment!r}")

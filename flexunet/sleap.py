@@ -17,12 +17,12 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+from flexunet import sleap_nn
 from flexunet.config import UNetConfig
-from flexunet.config_tree import ConfigNode, read_json
+from flexunet.config_tree import ConfigNode, power_of_two, read_json
 from flexunet.encoder_decoder import IntermediateFeature
 from flexunet.heads import HEAD_KINDS, HeadSpec
 from flexunet.keras import keras_state_dict, read_keras_file
-from flexunet import sleap_nn
 from flexunet.sleap_model import SleapModel
 from flexunet.unet import UNet
 
@@ -53,10 +53,6 @@ def _names_check(value) -> Optional[str]:
     return None
 
 
-def _stride_check(value) -> Optional[str]:
-    return None if value >= 1 and not value & (value - 1) else "must be a power of two"
-
-
 def _count(section: ConfigNode, key: str) -> Optional[int]:
     """len() of a list entry (part names, edges, classes), or None when it is null."""
     value = section.get(key, list, default=None, check=_names_check if key != "edges" else None)
@@ -83,10 +79,10 @@ def _backbone_and_heads(config: Any, source: str) -> tuple[UNetConfig, list[dict
         )
     unet = backbone.section("unet", _UNET_KEYS)
     head_list = _head_entries(model.section("heads", set(_HEAD_SECTIONS)))
-    stem = unet.get("stem_stride", int, default=None, check=_stride_check)
+    stem = unet.get("stem_stride", int, default=None, check=power_of_two)
     kwargs = dict(
         stem_stride=stem,
-        max_stride=unet.get("max_stride", int, check=_stride_check),
+        max_stride=unet.get("max_stride", int, check=power_of_two),
         # SLEAP sets the backbone's output stride from the first head, not from this field.
         output_stride=head_list[0]["output_stride"],
         filters=unet.get("filters", int, check=lambda v: None if v >= 1 else "must be >= 1"),
@@ -109,7 +105,7 @@ def _head_entries(heads: ConfigNode) -> list[dict]:
             f"must set exactly one of {', '.join(_HEAD_SECTIONS)}; got {chosen or 'none'}."
         )
     key = chosen[0]
-    stride = lambda sec: sec.get("output_stride", int, check=_stride_check)  # noqa: E731
+    stride = lambda sec: sec.get("output_stride", int, check=power_of_two)  # noqa: E731
 
     def confmaps(sec: ConfigNode, kind: str) -> list[dict]:
         if kind == "CentroidConfmapsHead":

@@ -11,6 +11,7 @@ from flexunet.encoder_decoder import crop_to_input
 from flexunet.heads import HeadSpec
 from flexunet.unet import UNet
 
+
 class HeadRoute(NamedTuple):
     """Where a head reads: the backbone output of `stack`, or its decoder input number `feature`."""
 

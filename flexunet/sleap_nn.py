@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 from flexunet.checkpoint import read_state_dict
-from flexunet.config_tree import ConfigNode, read_yaml
+from flexunet.config_tree import ConfigNode, power_of_two, read_yaml
 from flexunet.heads import HEAD_KINDS, HeadSpec
 from flexunet.keras import keras_layers
 from flexunet.sleap_model import SleapModel
@@ -63,10 +63,6 @@ _MODEL_CONFIG_KEYS = {"backbone_config", "head_configs", "init_weights", "pretra
 # --------------------------------------------------------------------- config
 
 
-def _power_of_two(value) -> Optional[str]:
-    return None if value >= 1 and not value & (value - 1) else "must be a power of two"
-
-
 def _positive(value) -> Optional[str]:
     return None if value > 0 else "must be > 0"
 
@@ -87,7 +83,7 @@ def _skeleton(config: Any) -> tuple[Optional[int], Optional[int]]:
         return None, None
 
 
-def _unet(backbone: ConfigNode) -> tuple[dict, ConfigNode]:
+def _unet(backbone: ConfigNode) -> dict:
     """UNet constructor arguments from `backbone_config.unet`."""
     chosen = [k for k in BACKBONES if isinstance(backbone.value, dict) and backbone.value.get(k) is not None]
     if chosen != ["unet"]:
@@ -108,8 +104,8 @@ def _unet(backbone: ConfigNode) -> tuple[dict, ConfigNode]:
     if unet.get("block_contraction", bool, default=False):
         raise ValueError(f"{unet.source}: {unet.path}.block_contraction is true; flexunet reads sleap-nn UNets "
                          "without block contraction only.")
-    max_stride = unet.get("max_stride", int, check=_power_of_two)
-    output_stride = unet.get("output_stride", int, check=_power_of_two)
+    max_stride = unet.get("max_stride", int, check=power_of_two)
+    output_stride = unet.get("output_stride", int, check=power_of_two)
     if output_stride > max_stride:
         raise ValueError(f"{unet.source}: {unet.path}.output_stride ({output_stride}) must be <= max_stride "
                          f"({max_stride}).")
@@ -125,18 +121,17 @@ def _unet(backbone: ConfigNode) -> tuple[dict, ConfigNode]:
         in_channels=unet.get("in_channels", int, default=1, check=_positive),
         alignment="sleap_nn",
     )
-    return params, unet
+    return params
 
 
-def _head_specs(heads: ConfigNode, config: Any, max_stride: int) -> list[HeadSpec]:
-    """The heads of the one model type set in `head_configs`, in sleap-nn's output order.
+def _head_entries(heads: ConfigNode, config: Any, max_stride: int) -> list[dict]:
+    """`HeadSpec` arguments (and the config `path`) of the one model type set in `head_configs`,
+    in sleap-nn's output order.
 
     Channel counts come from the config (part names, edges, classes, else the
-    skeleton in `data_config`); where it leaves them open they are None-marked
-    with 0 and filled from the checkpoint by the caller.
+    skeleton in `data_config`); where it leaves them open they are 0, for the
+    caller to fill from the checkpoint.
     """
-    if not isinstance(heads.value, dict):
-        raise heads.error(f"must be {heads._object}, got {type(heads.value).__name__}.")
     chosen = [k for k in MODEL_TYPES if heads.value.get(k) is not None]
     unknown = sorted(k for k, v in heads.value.items() if k not in MODEL_TYPES and v is not None)
     if unknown and not chosen:
@@ -149,7 +144,7 @@ def _head_specs(heads: ConfigNode, config: Any, max_stride: int) -> list[HeadSpe
     specs = []
     for kind, section, known in MODEL_TYPES[model_type]:
         node = group.section(section, known)
-        stride = node.get("output_stride", int, check=_power_of_two)
+        stride = node.get("output_stride", int, check=power_of_two)
         activation = HEAD_KINDS[kind]
         extras: dict[str, Any] = {}
         if kind == "CentroidConfmapsHead":
@@ -173,7 +168,7 @@ def _head_specs(heads: ConfigNode, config: Any, max_stride: int) -> list[HeadSpe
                           global_pool=node.get("global_pool", bool, default=True), flatten_order="nchw")
             stride = max_stride  # sleap-nn feeds it the deepest feature, whatever its output_stride says
         specs.append(dict(kind=kind, name=kind, channels=channels, output_stride=stride, activation=activation,
-                          path=f"{node.path}", **extras))
+                          path=node.path, **extras))
     return specs
 
 
@@ -182,9 +177,9 @@ def _parse(config: Any, source: str) -> tuple[dict, list[dict]]:
     if not isinstance(config, dict):
         raise ValueError(f"{source} must hold a mapping with a model_config section, got {type(config).__name__}.")
     model = ConfigNode(config, "", source).section("model_config", _MODEL_CONFIG_KEYS)
-    params, _ = _unet(model.section("backbone_config", _BACKBONE_KEYS))
+    params = _unet(model.section("backbone_config", _BACKBONE_KEYS))
     heads = model.section("head_configs", set(MODEL_TYPES))
-    return params, _head_specs(heads, config, 2 ** params["down_blocks"])
+    return params, _head_entries(heads, config, 2 ** params["down_blocks"])
 
 
 def _build(params: dict, entries: list[dict], channels: dict[str, int], source: str) -> SleapModel:
