@@ -91,7 +91,8 @@ def _conv_with_bn(conv: LayerInfo, batch_norm: bool, bn_first: bool, activation:
 def _module(info: LayerInfo) -> Optional[nn.Module]:
     """The module a layer description stands for (None for the joins, which live in `forward`)."""
     if info.kind == "Conv2D":
-        return Conv2dSame(info.in_channels, info.out_channels, info.kernel, bias=info.bias)
+        return Conv2dSame(info.in_channels, info.out_channels, info.kernel, bias=info.bias,
+                          activation=info.activation)
     if info.kind == "Conv2DTranspose":
         return ConvTranspose2dSame(info.in_channels, info.out_channels, info.kernel, info.upsample,
                                    bias=info.bias, alignment=info.alignment)
@@ -107,14 +108,15 @@ def _module(info: LayerInfo) -> Optional[nn.Module]:
 
 
 def _modules(layers: list[LayerInfo], name: str) -> "OrderedDict[str, nn.Module]":
-    """Modules for `layers`, keyed by their Keras name without the block's `name_`; activations as `{attr}_act`."""
+    """Modules for `layers`, keyed by their Keras name without the block's `name_`; activations as
+    `{attr}_act`, except a convolution's own (Keras' `Conv2D(activation=...)`), which it applies."""
     modules: "OrderedDict[str, nn.Module]" = OrderedDict()
     for info in layers:
         attr = info.name[len(name) + 1:]
         module = _module(info)
         if module is not None:
             modules[attr] = module
-        if info.activation != "linear":
+        if info.activation != "linear" and info.kind != "Conv2D":
             modules[f"{attr}_act"] = make_activation(info.activation)
     return modules
 
@@ -413,8 +415,11 @@ class UpsamplingBlock(nn.Module):
 
     `forward(x, skip)` runs the layers before the join on `x`, joins `skip` (a
     concatenation, skip first, or an addition after the optional linear 1x1
-    projection `skip_conv1x1`), then runs the layers after it. Submodule names
-    are the Keras layer suffixes.
+    projection `skip_conv1x1`), then runs the layers after it. When the block is
+    interpolation -> concatenation -> convolution, the three are one call of the
+    convolution (`Conv2dSame.forward(x, skip, upsample)`), which the fast
+    kernels run without storing the upsampled or concatenated tensors. Submodule
+    names are the Keras layer suffixes.
     """
 
     def __init__(self, name: str, layers: list[LayerInfo]):
@@ -430,6 +435,10 @@ class UpsamplingBlock(nn.Module):
         self.skip_conv1x1 = _module(projection[0]) if projection else None
         self._refine = self._add(_modules(layers[cut + 1:], name))
         self.out_channels = layers[-1].out_channels
+        # Interpolation by 2, concatenation, convolution: one call (see the class docstring).
+        fusable = (len(before) == 1 and before[0].kind == "UpSampling2D" and before[0].upsample == 2
+                   and self.join == "Concatenate" and len(layers) > cut + 1 and layers[cut + 1].kind == "Conv2D")
+        self.fused_mode = before[0].mode if fusable else None
 
     def _add(self, modules: "OrderedDict[str, nn.Module]") -> list[str]:
         for key, module in modules.items():
@@ -437,16 +446,20 @@ class UpsamplingBlock(nn.Module):
         return list(modules)
 
     def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
-        for key in self._up:
-            x = getattr(self, key)(x)  # (N, C, H*s, W*s) after the first
-        if self.join is not None:
-            if skip is None:
-                raise ValueError(f"decoder block {self.name!r} was built with a skip connection but got none.")
+        if self.join is not None and skip is None:
+            raise ValueError(f"decoder block {self.name!r} was built with a skip connection but got none.")
+        refine = self._refine
+        if self.fused_mode is not None:
+            x = getattr(self, refine[0])(x, skip=skip, upsample=self.fused_mode)  # conv(cat([skip, up(x)]))
+            refine = refine[1:]
+        else:
+            for key in self._up:
+                x = getattr(self, key)(x)  # (N, C, H*s, W*s) after the first
             if self.skip_add:
                 x = (skip if self.skip_conv1x1 is None else self.skip_conv1x1(skip)) + x
-            else:
+            elif self.join is not None:
                 x = torch.cat([skip, x], dim=1)  # (N, C_skip + C, H*s, W*s)
-        for key in self._refine:
+        for key in refine:
             x = getattr(self, key)(x)
         return x
 

@@ -9,6 +9,7 @@ weights trained in SLEAP give the same numbers here.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,26 +24,48 @@ KERAS_BN_MOMENTUM = 0.01
 
 
 class Conv2dSame(nn.Conv2d):
-    """Stride-1 convolution with Keras 'same' padding for any kernel size.
+    """Stride-1 convolution with Keras 'same' padding for any kernel size, and its activation.
 
     Odd kernels pad symmetrically; even kernels put the extra row/column at the
-    bottom/right, as TensorFlow does.
+    bottom/right, as TensorFlow does. `activation` is applied to the output, as
+    Keras' `Conv2D(activation=...)` does (a ReLU is fused into the fast kernels).
+
+    `forward(x, skip, upsample)` convolves `cat([skip, upsample(x)])`: `x`
+    upsampled by 2 (Keras `UpSampling2D`, "bilinear" or "nearest") and joined
+    after `skip`, the input of the first convolution of SLEAP's decoder blocks,
+    which the fast kernels form while reading instead of storing it.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True,
+                 activation: str = "linear"):
         odd = kernel_size % 2 == 1
         super().__init__(in_channels, out_channels, kernel_size, padding=(kernel_size - 1) // 2 if odd else 0, bias=bias)
         before = (kernel_size - 1) // 2
         self.asymmetric_pad = None if odd else (before, kernel_size - 1 - before) * 2
+        check_choice("activation", activation, ACTIVATIONS)
+        self.activation = activation
+        self.act = None if activation in ("linear", "relu") else make_activation(activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.activation == "linear" else f", activation={self.activation!r}")
+
+    def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None,
+                upsample: Optional[str] = None) -> torch.Tensor:
+        relu = self.activation == "relu"
         if self.kernel_size == (3, 3):
-            fast = kernels.conv3x3(x, self.weight, self.bias)  # None: the plain convolution below
+            fast = kernels.conv3x3(x, self.weight, self.bias, relu, skip, upsample)  # None: the plain path below
             if fast is not None:
                 return fast
+        if upsample is not None:
+            x = Upsample(2, upsample)(x)
+        if skip is not None:
+            x = torch.cat([skip, x], dim=1)  # (N, C_skip + C, H, W), as SLEAP concatenates
         if self.asymmetric_pad is not None:
             x = F.pad(x, self.asymmetric_pad)  # (N, C, H + k - 1, W + k - 1), the extra at the bottom/right
-        return super().forward(x)
+        y = super().forward(x)
+        if relu:
+            return torch.relu_(y)
+        return y if self.act is None else self.act(y)
 
 
 class MaxPool2dSame(nn.Module):

@@ -16,9 +16,20 @@ if not native.available():
     pytest.skip("native kernels unavailable here (no C compiler)", allow_module_level=True)
 
 
-def _native(x, weight, bias, relu=False, dtype=torch.float32):
-    packed = native.transform_kernel(weight, dtype)
-    return native.winograd_conv3x3(x, packed, bias, relu=relu)
+def _native(x, weight, bias, relu=False, dtype=torch.float32, skip=None, upsample=None):
+    groups = None if skip is None else (skip.shape[1], x.shape[1])
+    packed = native.transform_kernel(weight, dtype, groups)
+    return native.winograd_conv3x3(x, packed, bias, weight.shape[0], relu=relu, skip=skip, upsample=upsample)
+
+
+def _reference(x, weight, bias, skip=None, upsample=None):
+    """cat([skip, upsample(x)]) convolved, in float64."""
+    x = x.double()
+    if upsample is not None:
+        x = F.interpolate(x, scale_factor=2, mode=upsample, **({"align_corners": False} if upsample == "bilinear" else {}))
+    if skip is not None:
+        x = torch.cat([skip.double(), x], dim=1)
+    return F.conv2d(x, weight.double(), None if bias is None else bias.double(), padding=1)
 
 
 SHAPES = [
@@ -30,6 +41,10 @@ SHAPES = [
     (1, 16, 16, 6, 5),  # one narrow panel
     (2, 32, 112, 7, 9),  # a full panel and a 48-wide one
     (1, 1024, 64, 6, 6),  # deep input: small blocks
+    (2, 24, 36, 9, 11),  # filters=24, rate 1.5: channel panels padded inside the kernel
+    (1, 54, 81, 7, 6),
+    (2, 5, 7, 6, 6),  # fewer than one vector in and out
+    (1, 121, 182, 5, 3),
 ]
 
 
@@ -41,9 +56,51 @@ def test_native_winograd_matches_direct_convolution(n, cin, cout, h, w, bias):
     weight = torch.randn(cout, cin, 3, 3)
     b = torch.randn(cout) if bias else None
     y = _native(x, weight, b)
-    ref = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
+    ref = _reference(x, weight, b)
     assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
     assert float((y.double() - ref).abs().max() / ref.abs().max()) < 2e-6 * max(1, cin ** 0.5)
+
+
+# (batch, skip channels or 0, x channels, output channels, output H, W, upsampling)
+JOINED = [
+    (2, 32, 64, 32, 8, 12, "bilinear"),  # SLEAP's decoder: skip + bilinear x2
+    (1, 24, 48, 24, 10, 6, "bilinear"),  # channels not multiples of 16 on both sources
+    (2, 54, 81, 54, 6, 14, "bilinear"),
+    (1, 17, 5, 70, 6, 10, "nearest"),
+    (2, 0, 33, 20, 10, 14, "bilinear"),  # upsampled only, no skip
+    (1, 16, 16, 16, 2, 2, "bilinear"),  # one source pixel: every neighbour clamps to the edge
+    (1, 16, 32, 40, 8, 8, None),  # a plain concatenation
+]
+
+
+@pytest.mark.parametrize("n,cs,cx,cout,h,w,upsample", JOINED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_winograd_forms_the_upsampled_concatenation_while_reading(n, cs, cx, cout, h, w, upsample, dtype):
+    if dtype == torch.bfloat16 and not native.has_bfloat16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    torch.manual_seed(cs + cx + h)
+    factor = 2 if upsample else 1
+    x = torch.randn(n, cx, h // factor, w // factor)
+    skip = torch.randn(n, cs, h, w) if cs else None
+    weight, bias = torch.randn(cout, cs + cx, 3, 3), torch.randn(cout)
+    y = _native(x.to(dtype), weight, bias, relu=True, dtype=dtype, skip=None if skip is None else skip.to(dtype),
+                upsample=upsample)
+    ref = torch.relu(_reference(x.to(dtype), weight, bias, None if skip is None else skip.to(dtype), upsample))
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("cin", [1, 3, 4])
+@pytest.mark.parametrize("cout", [16, 24, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_direct_kernel_for_few_input_channels(cin, cout, dtype):
+    torch.manual_seed(cin * cout)
+    x = torch.randn(2, cin, 13, 19)
+    weight, bias = torch.randn(cout, cin, 3, 3), torch.randn(cout)
+    y = native.direct_conv3x3(x, native.pack_direct(weight), bias, cout, relu=True, dtype=dtype)
+    ref = torch.relu(_reference(x, weight, bias))
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) < (1e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
 @pytest.mark.parametrize("n,cin,cout,h,w", SHAPES)
@@ -95,14 +152,13 @@ def test_native_winograd_reads_channels_first_input():
     torch.testing.assert_close(_native(x, weight, None), F.conv2d(x, weight, padding=1), atol=1e-4, rtol=1e-4)
 
 
-def test_native_winograd_rejects_unsupported_channel_counts():
-    assert native.supports_winograd(torch.float32, 16, 64)
-    assert not native.supports_winograd(torch.float32, 8, 64)
-    assert not native.supports_winograd(torch.float32, 16, 40)
-    assert not native.supports_winograd(torch.float16, 16, 64)
-    packed = torch.zeros(36, 8 * 64)
-    with pytest.raises(ValueError, match="Cin % 16"):
-        native.winograd_conv3x3(torch.zeros(1, 8, 4, 4), packed, None)
+def test_native_winograd_rejects_what_it_cannot_take():
+    assert native.supports_winograd(torch.float32)
+    assert not native.supports_winograd(torch.float16)
+    packed = native.transform_kernel(torch.zeros(16, 32, 3, 3), torch.float32, (16, 16))
+    skip = torch.zeros(1, 16, 6, 6)
+    with pytest.raises(ValueError, match="matching source sizes"):  # x upsampled is 8x8, the skip 6x6
+        native.winograd_conv3x3(torch.zeros(1, 16, 4, 4), packed, None, 16, skip=skip, upsample="bilinear")
 
 
 def test_unet_uses_the_native_kernel_by_default(monkeypatch):

@@ -28,7 +28,7 @@ def test_conv_transpose_passes_pytorchs_operator_checks(cin, cout, k, stride, cr
     torch.library.opcheck(TRANSPOSED, (x, weight, bias, stride, crop, torch.float32))
 
 
-@pytest.mark.parametrize("cin,cout", [(16, 32), (3, 8), (256, 256), (54, 81), (121, 60)])
+@pytest.mark.parametrize("cin,cout", [(16, 32), (3, 8), (1, 24), (256, 256), (54, 81), (121, 60), (24, 36)])
 def test_conv3x3_equals_a_padded_convolution(cin, cout):
     x, weight, bias = torch.randn(2, cin, 13, 10), torch.randn(cout, cin, 3, 3), torch.randn(cout)
     want = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
@@ -37,19 +37,42 @@ def test_conv3x3_equals_a_padded_convolution(cin, cout):
     assert float((got.double() - want).abs().max() / want.abs().max()) < 5e-5
 
 
-@pytest.mark.parametrize("cin,cout,native_calls", [(54, 81, 1), (81, 121, 1), (36, 54, 0), (24, 24, 0)])
-def test_odd_channel_counts_use_the_native_kernel_on_padded_channels(cin, cout, native_calls, monkeypatch):
-    """filters_rate 1.5 gives 54, 81, 121 channels: from 48 on they run on the native kernel, padded to 16s."""
-    if not native.available():
-        pytest.skip("native kernels unavailable here (no C compiler)")
-    calls = []
-    original = native.winograd_conv3x3
-    monkeypatch.setattr(native, "winograd_conv3x3", lambda *a, **k: calls.append(a[1].shape) or original(*a, **k))
-    x, weight, bias = torch.randn(2, cin, 9, 7), torch.randn(cout, cin, 3, 3), torch.randn(cout)
-    got = torch.ops.flexunet.conv3x3(x, weight, bias, torch.float32, True)
-    want = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
-    assert len(calls) == native_calls
-    assert float((got.double() - want).abs().max() / want.abs().max()) < 5e-5
+# (x channels, skip channels or 0, output channels, upsampling, relu)
+FUSED = [(16, 16, 16, "bilinear", True), (24, 12, 20, "nearest", False), (33, 0, 16, "bilinear", True),
+         (5, 3, 7, "none", True)]
+
+
+@pytest.mark.parametrize("cx,cs,cout,upsample,relu", FUSED)
+def test_fused_conv3x3_passes_pytorchs_operator_checks(cx, cs, cout, upsample, relu):
+    factor = 1 if upsample == "none" else 2
+    x = torch.randn(2, cx, 5, 4, requires_grad=True)
+    skip = torch.randn(2, cs, 5 * factor, 4 * factor, requires_grad=True) if cs else None
+    weight, bias = torch.randn(cout, cs + cx, 3, 3, requires_grad=True), torch.randn(cout, requires_grad=True)
+    torch.library.opcheck(CONV3X3, (x, weight, bias, torch.float32, False, relu, skip, upsample))
+
+
+@pytest.mark.parametrize("cx,cs,cout,upsample,relu", FUSED)
+def test_fused_conv3x3_and_its_gradients_equal_upsample_concat_conv_relu(cx, cs, cout, upsample, relu):
+    """conv(cat([skip, upsample(x)])) + ReLU as one operator: the values and all gradients of the four steps."""
+    torch.manual_seed(cx + cs)
+    factor = 1 if upsample == "none" else 2
+    x = torch.randn(2, cx, 12, 10, dtype=torch.float64)
+    skip = torch.randn(2, cs, 12 * factor, 10 * factor, dtype=torch.float64) if cs else None
+    weight, bias = torch.randn(cout, cs + cx, 3, 3, dtype=torch.float64), torch.randn(cout, dtype=torch.float64)
+    leaves = [t.float().requires_grad_() for t in (x, weight, bias)] + ([skip.float().requires_grad_()] if cs else [])
+    got = CONV3X3(leaves[0], leaves[1], leaves[2], torch.float32, False, relu, leaves[3] if cs else None, upsample)
+    ref_leaves = [t.requires_grad_() for t in (x, weight, bias)] + ([skip.requires_grad_()] if cs else [])
+    joined = x if upsample == "none" else F.interpolate(
+        x, scale_factor=2, mode=upsample, **({"align_corners": False} if upsample == "bilinear" else {}))
+    joined = torch.cat([skip, joined], 1) if cs else joined
+    want = F.conv2d(joined, weight, bias, padding=1)
+    want = torch.relu(want) if relu else want
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
+    upstream = torch.randn_like(want)
+    got.backward(upstream.float())
+    want.backward(upstream)
+    for mine, theirs in zip(leaves, ref_leaves):
+        assert float((mine.grad.double() - theirs.grad).abs().max() / theirs.grad.abs().max()) < 1e-4
 
 
 def test_conv3x3_gradients_equal_the_plain_convolutions():

@@ -57,19 +57,21 @@ def _tracked(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
-def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """`flexunet::conv3x3` where it pays off (see the module docstring), else None."""
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool = False,
+            skip: Optional[torch.Tensor] = None, upsample: Optional[str] = None) -> Optional[torch.Tensor]:
+    """`flexunet::conv3x3` of `cat([skip, upsample(x)])`, rectified if `relu`, where it pays off
+    (see the module docstring), else None."""
     if not _eligible(x):
         return None
     dtype = compute_dtype(x)
-    tracked = _tracked(x, weight)
+    tracked = _tracked(x, weight) or (skip is not None and _tracked(skip, weight))
     if tracked:
         n, _, h, w = x.shape
         channels, tiles = min(weight.shape[:2]), n * -(-h // 4) * -(-w // 4)
         pays = any(channels >= c and tiles >= t for c, t in MIN_TRAINING_TILES)
         if not (dtype == x.dtype == weight.dtype == torch.float32 and pays):
             return None
-    return torch.ops.flexunet.conv3x3(x, weight, bias, dtype, not tracked)
+    return torch.ops.flexunet.conv3x3(x, weight, bias, dtype, not tracked, relu, skip, upsample or "none")
 
 
 def conv_transpose(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,

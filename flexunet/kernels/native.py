@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from flexunet.kernels import fastconv
+from flexunet.kernels import allocator, fastconv
 
 SOURCE = Path(__file__).parent / "csrc" / "winograd.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi"]
@@ -155,6 +155,7 @@ def _build(compiler: str, directory: Path) -> Path:
 @functools.lru_cache(maxsize=None)
 def library() -> Optional[ctypes.CDLL]:
     """The compiled kernels, or None (with one warning) when they cannot be built here."""
+    allocator.keep_freed_memory()  # once, at the kernels' first use (see flexunet.kernels.allocator)
     if os.environ.get("FLEXUNET_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     compiler = _compiler()
@@ -167,12 +168,17 @@ def library() -> Optional[ctypes.CDLL]:
     else:
         try:
             lib = ctypes.CDLL(str(_build(compiler, directory)))
-            # (x, n, h, w, cin, u, bias, out, cout[, relu], threads)
-            args = [ctypes.c_void_p] + [ctypes.c_int] * 4 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
-            for name, extra in (("winograd_f43", 2), ("winograd_f23_bf16", 2), ("transposed_k3s2", 1),
-                                ("transposed_k3s2_bf16", 1)):
+            ptr, i = ctypes.c_void_p, ctypes.c_int
+            signatures = {  # argument types of each entry point, as in csrc/winograd.c
+                "winograd_f43": [ptr, i, ptr, i, i, i, i, i, ptr, ptr, ptr, i, i, i],
+                "direct3x3": [ptr, i, i, i, i, ptr, ptr, ptr, i, i, i, i],
+                "transposed_k3s2": [ptr, i, i, i, i, ptr, ptr, ptr, i, i],
+            }
+            signatures["winograd_f23_bf16"] = signatures["winograd_f43"]
+            signatures["transposed_k3s2_bf16"] = signatures["transposed_k3s2"]
+            for name, args in signatures.items():
                 fn = getattr(lib, f"flexunet_{name}")
-                fn.restype, fn.argtypes = ctypes.c_int, args + [ctypes.c_int] * extra
+                fn.restype, fn.argtypes = ctypes.c_int, args
             lib.flexunet_has_bf16.restype = ctypes.c_int
             lib.bf16 = bool(lib.flexunet_has_bf16())  # asked once: the layers ask at every call
             return lib
@@ -188,10 +194,8 @@ def available() -> bool:
     return library() is not None
 
 
-def supports_winograd(dtype: torch.dtype, in_channels: int, out_channels: int) -> bool:
-    """Whether `winograd_conv3x3` handles inputs of this dtype and these channel counts."""
-    if in_channels % 16 or out_channels % 16:
-        return False
+def supports_winograd(dtype: torch.dtype) -> bool:
+    """Whether `winograd_conv3x3` computes in this dtype here (any channel counts)."""
     return dtype == torch.float32 or (dtype == torch.bfloat16 and has_bfloat16())
 
 
@@ -199,6 +203,11 @@ def has_bfloat16() -> bool:
     """True when the kernels were built with AVX512-BF16 (bfloat16 dot products)."""
     lib = library()
     return lib is not None and lib.bf16
+
+
+def round16(channels: int) -> int:
+    """`channels` rounded up to a multiple of 16 (the kernels' vector width)."""
+    return -(-channels // 16) * 16
 
 
 def pack_kernel(kernel: torch.Tensor, pairs: bool = False) -> torch.Tensor:
@@ -218,60 +227,121 @@ def pack_kernel(kernel: torch.Tensor, pairs: bool = False) -> torch.Tensor:
     return torch.cat(parts, dim=1).contiguous()
 
 
-def transform_kernel(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A (Cout, Cin, 3, 3) weight in Winograd space, packed for `winograd_conv3x3` in `dtype`.
+def pad_weight(weight: torch.Tensor, groups: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+    """A (Cout, Cin, k, k) weight with zero output channels up to a multiple of 16, and each group
+    of input channels (default: one group of all) padded the same way, as the kernels read them."""
+    cout, cin = weight.shape[:2]
+    groups = groups or (cin,)
+    parts, start = [], 0
+    for size in groups:
+        part = weight[:, start:start + size]
+        parts.append(F.pad(part, (0, 0, 0, 0, 0, round16(size) - size, 0, round16(cout) - cout)))
+        start += size
+    return torch.cat(parts, dim=1)
+
+
+def transform_kernel(weight: torch.Tensor, dtype: torch.dtype = torch.float32,
+                     groups: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+    """A (Cout, Cin, 3, 3) weight in Winograd space, padded (`pad_weight`) and packed for
+    `winograd_conv3x3` in `dtype`; `groups` are the input channels of each source.
 
     float32 uses F(4x4, 3x3) (36 positions), bfloat16 F(2x2, 3x3) (16 positions).
     The nine taps are packed first and transformed after (the transform is
     linear per column), which copies a quarter as much.
     """
-    cout, cin = weight.shape[:2]
+    padded = pad_weight(weight.detach().float(), groups)
+    cout, cin = padded.shape[:2]
     bf16 = dtype == torch.bfloat16
     _, gg, _ = fastconv.winograd_matrices(2 if bf16 else 4, torch.float32)
-    taps = pack_kernel(weight.detach().float().permute(2, 3, 1, 0).reshape(9, cin, cout), pairs=bf16)
+    taps = pack_kernel(padded.permute(2, 3, 1, 0).reshape(9, cin, cout), pairs=bf16)
     return (gg @ taps).to(dtype)
 
 
-def _launch(name: str, x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
-            *options: int, data: Optional[torch.Tensor] = None) -> None:
-    """Run kernel `flexunet_<name>` (`_bf16` appended for bfloat16) and turn its status into an exception.
+def _padded_bias(bias: Optional[torch.Tensor], channels: int) -> torch.Tensor:
+    """The bias as the kernels read it: float32, `channels` rounded up to 16, zeros after (or all zeros)."""
+    out = torch.zeros(round16(channels), dtype=torch.float32)
+    if bias is not None:
+        out[:channels] = bias.detach()
+    return out
 
-    The kernel reads `data` (default: `x`, channels-last) with `x`'s shape and writes `out`.
-    """
-    n, cin, h, w = x.shape
-    cout = out.shape[1]
-    fn = getattr(library(), f"flexunet_{name}_bf16" if packed.dtype == torch.bfloat16 else f"flexunet_{name}")
-    source = x if data is None else data
-    b = None if bias is None else bias.detach().float().contiguous()
-    status = fn(source.data_ptr(), n, h, w, cin, packed.data_ptr(), None if b is None else b.data_ptr(),
-                out.data_ptr(), cout, *options, torch.get_num_threads())
+
+def _status(name: str, status: int, shape: tuple, cout: int, dtype: torch.dtype) -> None:
     if status == 2:
         raise MemoryError(f"flexunet's {name} kernel could not allocate its work buffers.")
     if status != 0:
-        raise ValueError(f"flexunet's {name} kernel cannot take an input of shape {tuple(x.shape)} with {cout} "
-                         f"output channels in {packed.dtype} (needs H, W >= 1, Cin % 16 == 0, Cout % 16 == 0, "
-                         "and AVX512-BF16 for bfloat16).")
+        raise ValueError(f"flexunet's {name} kernel cannot take an input of shape {shape} with {cout} "
+                         f"output channels in {dtype} (needs H, W >= 1, matching source sizes, and "
+                         "AVX512-BF16 for bfloat16).")
 
 
-def winograd_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
-                     relu: bool = False) -> torch.Tensor:
-    """3x3 'same' convolution of an (N, Cin, H, W) batch on the fused kernel, in `packed`'s dtype.
+UPSAMPLING = {None: 0, "bilinear": 1, "nearest": 2}
 
-    `packed` comes from `transform_kernel(weight, dtype)`: float32 runs
-    F(4x4, 3x3), bfloat16 F(2x2, 3x3) with bfloat16 products accumulated in
-    float32. The result is channels-last in that dtype; callers check
+
+def winograd_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor], out_channels: int,
+                     relu: bool = False, skip: Optional[torch.Tensor] = None,
+                     upsample: Optional[str] = None) -> torch.Tensor:
+    """3x3 'same' convolution on the fused kernel, in `packed`'s dtype, of the concatenation
+    `[skip, upsample(x)]` (just `x` without `skip`; `upsample` None, "bilinear" or "nearest",
+    by 2): the upsampled and concatenated input is formed while tiles are gathered, never stored.
+
+    `packed` comes from `transform_kernel(weight, dtype, groups)` with `groups` the
+    channels of (skip, x): float32 runs F(4x4, 3x3), bfloat16 F(2x2, 3x3) with
+    bfloat16 products accumulated in float32. `relu` rectifies the output. The
+    result is (N, out_channels, H, W), channels-last in that dtype; callers check
     `supports_winograd` first.
     """
+    dtype = packed.dtype
+    n, cx, h, w = x.shape
+    factor = 2 if upsample else 1
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    cs = 0 if skip is None else skip.shape[1]
+    if skip is not None:
+        if tuple(skip.shape[2:]) != (h * factor, w * factor) or skip.shape[0] != n:
+            raise ValueError(f"flexunet's winograd kernel needs matching source sizes: the skip is "
+                             f"{tuple(skip.shape)}, x {'upsampled ' if upsample else ''}is "
+                             f"{(n, cx, h * factor, w * factor)}.")
+        skip = skip.to(dtype).contiguous(memory_format=torch.channels_last)
+    out = torch.empty((n, out_channels, h * factor, w * factor), dtype=dtype, memory_format=torch.channels_last)
+    b = _padded_bias(bias, out_channels)
+    name = "winograd_f43" if dtype == torch.float32 else "winograd_f23"
+    fn = getattr(library(), "flexunet_winograd_f43" if dtype == torch.float32 else "flexunet_winograd_f23_bf16")
+    status = fn(x.data_ptr(), cx, None if skip is None else skip.data_ptr(), cs, UPSAMPLING[upsample], n,
+                h * factor, w * factor, packed.data_ptr(), b.data_ptr(), out.data_ptr(), out_channels, int(relu),
+                torch.get_num_threads())
+    _status(name, status, tuple(x.shape), out_channels, dtype)
+    return out
+
+
+# Input channels up to which `direct_conv3x3` beats Winograd (whose products pad them to 16).
+DIRECT_MAX_CHANNELS = 4
+
+
+def pack_direct(weight: torch.Tensor) -> torch.Tensor:
+    """A (Cout, Cin, 3, 3) weight packed for `direct_conv3x3`: float32 taps, Cout padded to 16."""
+    padded = F.pad(weight.detach().float(), (0, 0, 0, 0, 0, 0, 0, round16(weight.shape[0]) - weight.shape[0]))
+    return pack_kernel(padded.permute(2, 3, 1, 0).reshape(9, weight.shape[1], -1))
+
+
+def direct_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor], out_channels: int,
+                   relu: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """3x3 'same' convolution for few input channels (`DIRECT_MAX_CHANNELS`), float32 products,
+    output channels-last in `dtype` (float32 or bfloat16). `packed` from `pack_direct`."""
     n, cin, h, w = x.shape
-    x = x.to(packed.dtype).contiguous(memory_format=torch.channels_last)
-    out = torch.empty((n, packed.shape[1] // cin, h, w), dtype=packed.dtype, memory_format=torch.channels_last)
-    _launch("winograd_f43" if packed.dtype == torch.float32 else "winograd_f23", x, packed, bias, out, int(relu))
+    # One zero row above and below, one zero column on the left, 1 + MR on the right: reads stay in bounds.
+    xp = F.pad(x.float().permute(0, 2, 3, 1), (0, 0, 1, 1 + MR, 1, 1)).contiguous()
+    out = torch.empty((n, out_channels, h, w), dtype=dtype, memory_format=torch.channels_last)
+    b = _padded_bias(bias, out_channels)
+    status = library().flexunet_direct3x3(xp.data_ptr(), n, h, w, cin, packed.data_ptr(), b.data_ptr(),
+                                          out.data_ptr(), out_channels, int(relu), int(dtype == torch.bfloat16),
+                                          torch.get_num_threads())
+    _status("direct3x3", status, tuple(x.shape), out_channels, dtype)
     return out
 
 
 def supports_transposed(dtype: torch.dtype, in_channels: int, out_channels: int, kernel: int, stride: int) -> bool:
     """Whether `transposed_conv_k3s2` handles this layer (SLEAP's default upsampling)."""
-    return kernel == 3 and stride == 2 and supports_winograd(dtype, in_channels, out_channels)
+    return (kernel == 3 and stride == 2 and in_channels % 16 == 0 and out_channels % 16 == 0
+            and supports_winograd(dtype))
 
 
 def pack_transposed(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -291,7 +361,12 @@ def transposed_conv_k3s2(x: torch.Tensor, packed: torch.Tensor, bias: Optional[t
     n, cin, h, w = x.shape
     # One zero row on top, one zero column on the left, MR on the right: every read is in bounds.
     xp = F.pad(x.to(packed.dtype).permute(0, 2, 3, 1), (0, 0, 1, MR, 1, 0)).contiguous()
-    out = torch.empty((n, packed.shape[1] // cin, 2 * h, 2 * w), dtype=packed.dtype,
-                      memory_format=torch.channels_last)
-    _launch("transposed_k3s2", x, packed, bias, out, data=xp)
+    cout = packed.shape[1] // cin
+    out = torch.empty((n, cout, 2 * h, 2 * w), dtype=packed.dtype, memory_format=torch.channels_last)
+    bf16 = packed.dtype == torch.bfloat16
+    fn = library().flexunet_transposed_k3s2_bf16 if bf16 else library().flexunet_transposed_k3s2
+    b = None if bias is None else bias.detach().float().contiguous()
+    status = fn(xp.data_ptr(), n, h, w, cin, packed.data_ptr(), None if b is None else b.data_ptr(), out.data_ptr(),
+                cout, torch.get_num_threads())
+    _status("transposed_k3s2", status, tuple(x.shape), cout, packed.dtype)
     return out

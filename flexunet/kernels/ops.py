@@ -33,12 +33,6 @@ from flexunet.kernels import fastconv, native
 # 3x3 convolutions with at least this many input and output channels use the PyTorch Winograd
 # path when the native kernels are unavailable: below it oneDNN's direct convolution is faster.
 TORCH_WINOGRAD_MIN_CHANNELS = 256
-# Channel counts the native kernels do not take (not multiples of 16, e.g. 54, 81, 121 from
-# filters_rate 1.5) are zero-padded to the next multiple of 16 from this many channels on: the
-# padding copies cost less than the fused kernel saves. Measured, batch 16, 2 threads, native
-# padded vs oneDNN: 54->54 @40x40 5.0 vs 8.3 ms, 81->81 @20x20 2.4 vs 4.6 ms; but 36->36 @80x80
-# 26.7 vs 17.6 ms.
-PADDED_MIN_CHANNELS = 48
 CHANNELS_LAST = torch.channels_last
 
 
@@ -96,87 +90,94 @@ def _bias(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Te
 
 # ---------------------------------------------------------------- conv3x3
 
+UPSAMPLE_MODES = ("none", "bilinear", "nearest")
+
 
 @torch.library.custom_op("flexunet::conv3x3", mutates_args=(), device_types="cpu")
-def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype,
-            cache: bool) -> torch.Tensor:
-    """3x3 'same' convolution of (N, Cin, H, W) `x` with (Cout, Cin, 3, 3) `weight`, in `dtype`;
-    `cache` keeps the transformed weight for the next call (inference)."""
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype, cache: bool,
+            relu: bool = False, skip: Optional[torch.Tensor] = None, upsample: str = "none") -> torch.Tensor:
+    """3x3 'same' convolution, in `dtype`, of `cat([skip, upsample(x)])`: `x` upsampled by 2
+    ("bilinear", half-pixel centres, or "nearest"; "none" keeps it) and joined after `skip`
+    (if given), as SLEAP's decoder blocks feed their first convolution; rectified if `relu`.
+    `weight` is (Cout, Cskip + Cx, 3, 3); `cache` keeps the transformed weight (inference)."""
     with torch.autocast("cpu", enabled=False):  # exactly `dtype`, whatever the caller's autocast state
-        return _conv3x3(x, weight, bias, dtype, cache)
+        return _conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample)
 
 
-def _conv3x3(x, weight, bias, dtype, cache):
+def _upsampled_input(x: torch.Tensor, skip: Optional[torch.Tensor], upsample: str) -> torch.Tensor:
+    """`cat([skip, upsample(x)])` as tensors: what the native kernel forms on the fly."""
+    if upsample != "none":
+        options = {"align_corners": False} if upsample == "bilinear" else {}
+        x = F.interpolate(x, scale_factor=2, mode=upsample, **options)
+    return x if skip is None else torch.cat([skip.to(x.dtype), x], dim=1)
+
+
+def _conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
     cout, cin = weight.shape[:2]
-    if native.supports_winograd(dtype, cin, cout) and native.available():
-        packed = _derived(weight, ("winograd", dtype), lambda: native.transform_kernel(weight, dtype), cache)
-        return native.winograd_conv3x3(x, packed, bias)
-    padded_in, padded_out = _round16(cin), _round16(cout)
-    if (min(cin, cout) >= PADDED_MIN_CHANNELS and native.supports_winograd(dtype, padded_in, padded_out)
-            and native.available()):
-        return _padded_winograd(x, weight, bias, dtype, cache, padded_in, padded_out)
+    if native.supports_winograd(dtype) and native.available():
+        if skip is None and upsample == "none" and cin <= native.DIRECT_MAX_CHANNELS:
+            packed = _derived(weight, ("direct",), lambda: native.pack_direct(weight), cache)
+            return native.direct_conv3x3(x, packed, bias, cout, relu, dtype)
+        groups = (skip.shape[1], x.shape[1]) if skip is not None else None
+        kind = ("winograd", dtype) + ((groups,) if groups else ())
+        packed = _derived(weight, kind, lambda: native.transform_kernel(weight, dtype, groups), cache)
+        return native.winograd_conv3x3(x, packed, bias, cout, relu, skip, None if upsample == "none" else upsample)
+    x = _upsampled_input(x.to(dtype), skip, upsample).contiguous(memory_format=CHANNELS_LAST)
     if min(cin, cout) >= TORCH_WINOGRAD_MIN_CHANNELS:
         tile = fastconv.winograd_tile(dtype)
         kernel = _derived(weight, ("torch-winograd", dtype),
-                           lambda: fastconv.winograd_kernel(weight.detach().float(), tile).to(dtype), cache)
-        return fastconv.winograd_conv3x3(x.to(dtype).contiguous(memory_format=CHANNELS_LAST), weight, bias,
-                                         kernel=kernel, tile=tile)
-    y = F.conv2d(x.to(dtype).contiguous(memory_format=CHANNELS_LAST), _cast(weight, dtype, cache), _bias(bias, dtype),
-                 padding=1)
+                          lambda: fastconv.winograd_kernel(weight.detach().float(), tile).to(dtype), cache)
+        y = fastconv.winograd_conv3x3(x, weight, bias, kernel=kernel, tile=tile)
+    else:
+        y = F.conv2d(x, _cast(weight, dtype, cache), _bias(bias, dtype), padding=1)
+    y = torch.relu_(y) if relu else y
     return y.contiguous(memory_format=CHANNELS_LAST)
 
 
-def _round16(channels: int) -> int:
-    return -(-channels // 16) * 16
-
-
-def _padded_winograd(x, weight, bias, dtype, cache, padded_in, padded_out):
-    """The native kernel on channels zero-padded to multiples of 16; the extra outputs are dropped."""
-    n, cin, h, w = x.shape
-    cout = weight.shape[0]
-
-    def make():
-        padded = F.pad(weight.detach(), (0, 0, 0, 0, 0, padded_in - cin, 0, padded_out - cout))
-        return native.transform_kernel(padded, dtype)
-
-    packed = _derived(weight, ("winograd-padded", dtype), make, cache)
-    xp = torch.empty((n, padded_in, h, w), dtype=dtype, memory_format=CHANNELS_LAST)
-    xp[:, :cin] = x  # (N, Cin padded, H, W): one copy, zeros after
-    xp[:, cin:] = 0
-    b = None if bias is None else F.pad(bias.detach().to(torch.float32), (0, padded_out - cout))
-    y = native.winograd_conv3x3(xp, packed, b)
-    return y[:, :cout].contiguous(memory_format=CHANNELS_LAST)
-
-
 @conv3x3.register_fake
-def _(x, weight, bias, dtype, cache):
-    return torch.empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), dtype=dtype, device=x.device,
-                       memory_format=CHANNELS_LAST)
+def _(x, weight, bias, dtype, cache, relu=False, skip=None, upsample="none"):
+    factor = 1 if upsample == "none" else 2
+    return torch.empty((x.shape[0], weight.shape[0], x.shape[2] * factor, x.shape[3] * factor), dtype=dtype,
+                       device=x.device, memory_format=CHANNELS_LAST)
 
 
 def _conv3x3_setup(ctx, inputs, output):
-    x, weight, bias, dtype, _ = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias, ctx.dtype = bias is not None, dtype
+    x, weight, bias, dtype, _, relu, skip, upsample = inputs
+    ctx.save_for_backward(x, weight, skip, output if relu else None)
+    ctx.has_bias, ctx.dtype, ctx.upsample = bias is not None, dtype, upsample
 
 
 def _conv3x3_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
+    x, weight, skip, output = ctx.saved_tensors
+    if output is not None:  # through the fused ReLU
+        grad = torch.where(output > 0, grad, 0)
     grad = grad.contiguous(memory_format=CHANNELS_LAST)
-    grad_x = grad_w = grad_b = None
-    if ctx.needs_input_grad[0]:
+    grad_x = grad_w = grad_b = grad_skip = None
+    need_x, need_skip = ctx.needs_input_grad[0], skip is not None and ctx.needs_input_grad[6]
+    if need_x or need_skip:
         # The input gradient of a 'same' 3x3 convolution is one too: kernel flipped, channels swapped.
-        grad_x = torch.ops.flexunet.conv3x3(grad, weight.flip(2, 3).transpose(0, 1), None, ctx.dtype, False)
+        grad_in = torch.ops.flexunet.conv3x3(grad, weight.flip(2, 3).transpose(0, 1), None, ctx.dtype, False)
+        cs = 0 if skip is None else skip.shape[1]
+        grad_skip = grad_in[:, :cs] if need_skip else None
+        grad_x = grad_in[:, cs:] if need_x else None
+        if need_x and ctx.upsample != "none":  # the adjoint of the upsampling
+            size, shape = [int(s) for s in grad.shape[2:]], [int(s) for s in x.shape]
+            if ctx.upsample == "bilinear":
+                grad_x = torch.ops.aten.upsample_bilinear2d_backward.default(grad_x, size, shape, False, None, None)
+            else:
+                grad_x = torch.ops.aten.upsample_nearest2d_backward.default(grad_x, size, shape, None, None)
     need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-    if min(weight.shape[:2]) >= TORCH_WINOGRAD_MIN_CHANNELS and x.dtype == torch.float32:
+    inputs = _upsampled_input(x, skip, ctx.upsample) if need_w else None
+    if need_w and min(weight.shape[:2]) >= TORCH_WINOGRAD_MIN_CHANNELS and x.dtype == torch.float32:
         # Wide layers: the weight gradient as one batched product in Winograd space.
-        grad_w = fastconv.winograd_weight_grad(x, grad) if need_w else None
+        grad_w = fastconv.winograd_weight_grad(inputs, grad)
         grad_b = grad.sum((0, 2, 3)) if need_b else None
     elif need_w or need_b:
         _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad.to(x.dtype), x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1],
-            False, [0, 0], 1, [False, need_w, need_b])
-    return grad_x, grad_w, grad_b, None, None
+            grad.to(x.dtype), inputs if inputs is not None else _upsampled_input(x, skip, ctx.upsample), weight,
+            [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+            [False, need_w, need_b])
+    return grad_x, grad_w, grad_b, None, None, None, grad_skip, None
 
 
 conv3x3.register_autograd(_conv3x3_backward, setup_context=_conv3x3_setup)

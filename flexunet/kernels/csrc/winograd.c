@@ -1,29 +1,41 @@
-/* Native CPU kernels for channels-last tensors, called from flexunet/native.py:
+/* Native CPU kernels for channels-last tensors, called from flexunet/kernels/native.py:
  *
  *   flexunet_winograd_f43        3x3 'same' convolution, Winograd F(4x4, 3x3), float32
  *   flexunet_winograd_f23_bf16   the same with F(2x2, 3x3) and bfloat16 dot products (AVX512-BF16)
+ *   flexunet_direct3x3           3x3 'same' convolution for few input channels (an image's 1-4)
  *   flexunet_transposed_k3s2     transposed convolution, kernel 3, stride 2, TensorFlow 'same'
  *   flexunet_transposed_k3s2_bf16
  *
  * The Winograd kernels make one pass per block of output tiles with everything in cache: the
- * input tiles are transformed into V (positions x tiles x Cin), multiplied by the
+ * input tiles are gathered and transformed into V (positions x tiles x Cin), multiplied by the
  * pre-transformed kernel U one panel of up to 64 output channels at a time, and the products
- * are transformed back, biased, optionally rectified and stored. All products go through one
- * register-blocked microkernel per element type (MR pixels x up to 64 channels, summed over
- * kernel taps). Built at first use with -O3 -march=native; GCC vector extensions map the
- * 16-float vectors onto AVX-512 or pairs of AVX2 registers. Entry points return 0, or 1 for
- * shapes they do not take, 2 when out of memory, 3 for bfloat16 without AVX512-BF16.
+ * are transformed back, biased, optionally rectified and stored. Their input is the channel
+ * concatenation of up to two sources (a decoder's skip and its upsampled input): a source at
+ * half the output's size is upsampled x2 (bilinear with half-pixel centres, or nearest) while
+ * it is gathered, so neither the upsampled tensor nor the concatenation is ever written.
+ * Channel counts need not be multiples of 16: each source's channels are padded to 16 inside
+ * V (masked loads) and output channels are stored masked, so any count runs without copies.
+ * All products go through one register-blocked microkernel per element type (MR pixels x up
+ * to 64 channels, summed over kernel taps). Built at first use with -O3 -march=native; GCC
+ * vector extensions map the 16-float vectors onto AVX-512 or pairs of AVX2 registers. Entry
+ * points return 0, or 1 for shapes they do not take, 2 when out of memory, 3 for bfloat16
+ * without AVX512-BF16.
  *
  * Float32 Winograd layouts:
- *   x    (N, H, W, Cin)             Cin % 16 == 0
- *   u    (36, Cin * Cout)           kernel in Winograd space, per position in panels of
- *                                   NR = 64 output channels (the last may be narrower),
- *                                   each panel (Cin, width) row-major
- *   out  (N, H, W, Cout)            Cout % 16 == 0
+ *   x    (N, h, w, Cx)              upsampled: h = H / 2, w = W / 2; else h = H, w = W
+ *   skip (N, H, W, Cs) or NULL      concatenated before x, as SLEAP's decoders do
+ *   u    (36, Cin * Cout16)         kernel in Winograd space, Cin = Cs16 + Cx16 (each rounded up
+ *                                   to 16, zero rows for the padding), per position in panels of
+ *                                   NR = 64 output channels (the last may be narrower), each panel
+ *                                   (Cin, width) row-major
+ *   out  (N, H, W, Cout)
  */
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef int mask16 __attribute__((vector_size(64)));
@@ -33,9 +45,31 @@ typedef int mask16 __attribute__((vector_size(64)));
 #define TILE 4
 #define A 6
 #define P 36
+#define ROUND16(c) (((c) + 15) / 16 * 16)
 
 static inline v16 load(const float *p) { return *(const v16 *)p; }
 static inline void store(float *p, v16 v) { *(v16 *)p = v; }
+
+/* The first `n` (1..16) floats at p, zeros after; and the store of the first `n` lanes. */
+static inline v16 load_f32_n(const char *p, int n) {
+#if defined(__AVX512F__)
+    return (v16)_mm512_maskz_loadu_ps((__mmask16)(0xFFFFu >> (16 - n)), p);
+#else
+    if (n == 16) return load((const float *)p);
+    v16 t = {0};
+    memcpy(&t, p, sizeof(float) * n);
+    return t;
+#endif
+}
+
+static inline void store_f32_n(float *p, v16 v, int n) {
+#if defined(__AVX512F__)
+    _mm512_mask_storeu_ps(p, (__mmask16)(0xFFFFu >> (16 - n)), (__m512)v);
+#else
+    if (n == 16) store(p, v);
+    else memcpy(p, &v, sizeof(float) * n);
+#endif
+}
 
 /* Bias, then ReLU if asked; NaN is kept, as torch.relu does. */
 static inline v16 finish(v16 value, v16 bias, int relu) {
@@ -43,23 +77,53 @@ static inline v16 finish(v16 value, v16 bias, int relu) {
     return relu ? (v16)((mask16)value & ~(value < (v16){0})) : value;
 }
 
-/* The a x a input pixels (channels c..c+15) of a tile with top-left pixel (y0, x0), zero outside
- * the image; `load16` reads 16 channels of the element type, `size` bytes each. */
-static inline __attribute__((always_inline)) void gather(const char *x, size_t size, v16 (*load16)(const char *),
-                                                         int a, int h, int w, int cin, int y0, int x0, int c,
+/* One input of a convolution, channels-last (N, hs, ws, channels); `up` 0 when it has the
+ * output's size, 1 for bilinear x2 upsampling (half-pixel centres), 2 for nearest x2. */
+struct source {
+    const char *data;
+    int channels, hs, ws, up;
+};
+
+/* The convolution's input: the channel concatenation of its sources, each padded to 16. */
+struct conv_in {
+    struct source src[2];
+    int count, cin; /* sources, and channels of the padded concatenation */
+};
+
+typedef v16 (*load_fn)(const char *p, int n);
+
+/* Channels c..c+n-1 of source `s` at output pixel (y, x) of image `img` (inside the image). */
+static inline __attribute__((always_inline)) v16 fetch(const struct source *s, size_t size, load_fn ld, long img,
+                                                       int y, int x, int c, int n) {
+    const char *base = s->data + size * ((size_t)img * s->hs * s->ws * s->channels + c);
+#define AT(yy, xx) ld(base + size * (((size_t)(yy) * s->ws + (xx)) * s->channels), n)
+    if (s->up == 0) return AT(y, x);
+    if (s->up == 2) return AT(y >> 1, x >> 1);
+    /* Output pixel 2i samples source rows (i - 1, i) with weights (1/4, 3/4); 2i + 1 rows (i, i + 1)
+     * with (3/4, 1/4); rows outside the source are clamped to its edge. */
+    int ya = (y - 1) >> 1, xa = (x - 1) >> 1, yb = ya + 1, xb = xa + 1;
+    float wy = (y & 1) ? 0.75f : 0.25f, wx = (x & 1) ? 0.75f : 0.25f;
+    if (ya < 0) ya = 0;
+    if (xa < 0) xa = 0;
+    if (yb >= s->hs) yb = s->hs - 1;
+    if (xb >= s->ws) xb = s->ws - 1;
+    v16 top = wx * AT(ya, xa) + (1.0f - wx) * AT(ya, xb);
+    v16 bottom = wx * AT(yb, xa) + (1.0f - wx) * AT(yb, xb);
+    return wy * top + (1.0f - wy) * bottom;
+#undef AT
+}
+
+/* The a x a input pixels (channels c..c+n-1 of source s, zero after) of a tile with top-left
+ * pixel (y0, x0) of image `img`, zero outside the h x w output. */
+static inline __attribute__((always_inline)) void gather(const struct source *s, size_t size, load_fn ld, int a,
+                                                         long img, int h, int w, int y0, int x0, int c, int n,
                                                          v16 *d) {
-    int interior = y0 >= 0 && x0 >= 0 && y0 + a <= h && x0 + a <= w;
     for (int i = 0; i < a; i++)
         for (int j = 0; j < a; j++) {
             int y = y0 + i, xx = x0 + j;
-            if (interior || (y >= 0 && y < h && xx >= 0 && xx < w))
-                d[i * a + j] = load16(x + size * (((size_t)y * w + xx) * cin + c));
-            else
-                d[i * a + j] = (v16){0};
+            d[i * a + j] = (y >= 0 && y < h && xx >= 0 && xx < w) ? fetch(s, size, ld, img, y, xx, c, n) : (v16){0};
         }
 }
-
-static inline v16 load_f32(const char *p) { return load((const float *)p); }
 
 /* Rows of B^T applied to six vectors (one column or row of a 6x6 tile). */
 static inline void input_1d(const v16 d[6], v16 r[6]) {
@@ -80,24 +144,28 @@ static inline void output_1d(const v16 m[6], v16 o[4]) {
     o[3] = d12 + 8.0f * d34 + m[5];
 }
 
-/* V[p][r][c..c+16] for one tile whose top-left input pixel is (y0, x0) (may be -1). */
-static void transform_tile(const void *xv, int h, int w, int cin, int y0, int x0, void *vv, int r, int rows) {
+/* V[p][r][0:cin] for one tile whose top-left input pixel is (y0, x0) (may be -1). */
+static void transform_tile(const struct conv_in *in, long img, int h, int w, int y0, int x0, void *vv, int r,
+                           int rows) {
     float *v = vv;
-    for (int c = 0; c < cin; c += 16) {
-        v16 d[A][A], t[A][A];
-        gather(xv, sizeof(float), load_f32, A, h, w, cin, y0, x0, c, &d[0][0]);
-        for (int j = 0; j < A; j++) { /* columns */
-            v16 col[A], res[A];
-            for (int i = 0; i < A; i++) col[i] = d[i][j];
-            input_1d(col, res);
-            for (int i = 0; i < A; i++) t[i][j] = res[i];
+    int vc = 0;
+    for (int s = 0; s < in->count; s++)
+        for (int c = 0; c < in->src[s].channels; c += 16, vc += 16) {
+            int n = in->src[s].channels - c < 16 ? in->src[s].channels - c : 16;
+            v16 d[A][A], t[A][A];
+            gather(&in->src[s], sizeof(float), load_f32_n, A, img, h, w, y0, x0, c, n, &d[0][0]);
+            for (int j = 0; j < A; j++) { /* columns */
+                v16 col[A], res[A];
+                for (int i = 0; i < A; i++) col[i] = d[i][j];
+                input_1d(col, res);
+                for (int i = 0; i < A; i++) t[i][j] = res[i];
+            }
+            for (int i = 0; i < A; i++) { /* rows */
+                v16 res[A];
+                input_1d(t[i], res);
+                for (int j = 0; j < A; j++) store(v + ((size_t)(i * A + j) * rows + r) * in->cin + vc, res[j]);
+            }
         }
-        for (int i = 0; i < A; i++) { /* rows */
-            v16 res[A];
-            input_1d(t[i], res);
-            for (int j = 0; j < A; j++) store(v + ((size_t)(i * A + j) * rows + r) * cin + c, res[j]);
-        }
-    }
 }
 
 /* c[MR][16 nv] = sum over taps t of a[t][MR rows, stride k][0:k] @ b[t][0:k][16 nv], nv = 1..4 vectors. */
@@ -133,9 +201,10 @@ static void micro_taps_n(const void *const *a, const void *const *b, int ntaps, 
 }
 
 typedef void (*taps_fn)(const void *const *a, const void *const *b, int ntaps, int k, float *c, int nv);
-typedef void (*tile_in_fn)(const void *x, int h, int w, int cin, int y0, int x0, void *v, int r, int rows);
-typedef void (*tile_out_fn)(const float *m, int rows, int r, int j, const float *bias, int relu, void *out, int h,
-                            int w, int cout, int y0, int x0, int col0);
+typedef void (*tile_in_fn)(const struct conv_in *in, long img, int h, int w, int y0, int x0, void *v, int r,
+                           int rows);
+typedef void (*tile_out_fn)(const float *m, int rows, int r, int j, int n, const float *bias, int relu, void *out,
+                            int h, int w, int cout, int y0, int x0, int col0);
 
 /* One Winograd algorithm: positions per tile, output tile size, element size and its three steps. */
 struct winograd_kind {
@@ -146,8 +215,8 @@ struct winograd_kind {
     tile_out_fn out;
 };
 
-/* Output tile from M[p][r][0:NR] for one 16-channel slice `j`: bias, ReLU, store. */
-static void output_tile(const float *m, int rows, int r, int j, const float *bias, int relu,
+/* Output tile from M[p][r][0:NR] for the 16-channel slice `j` (its first n channels): bias, ReLU, store. */
+static void output_tile(const float *m, int rows, int r, int j, int n, const float *bias, int relu,
                         void *outv, int h, int w, int cout, int y0, int x0, int col0) {
     float *out = outv;
     v16 t[4][A], o[4][4];
@@ -161,7 +230,7 @@ static void output_tile(const float *m, int rows, int r, int j, const float *bia
     v16 b = bias ? load(bias + col0 + 16 * j) : (v16){0};
     for (int i = 0; i < 4 && y0 + i < h; i++)
         for (int jj = 0; jj < 4 && x0 + jj < w; jj++)
-            store(out + ((size_t)(y0 + i) * w + x0 + jj) * cout + col0 + 16 * j, finish(o[i][jj], b, relu));
+            store_f32_n(out + ((size_t)(y0 + i) * w + x0 + jj) * cout + col0 + 16 * j, finish(o[i][jj], b, relu), n);
 }
 
 static int block_rows(int cin, int positions, size_t size) {
@@ -173,16 +242,22 @@ static int block_rows(int cin, int positions, size_t size) {
     return rows;
 }
 
-static int winograd(const char *x, int n, int h, int w, int cin, const char *u, const float *bias, char *out,
+/* `bias` holds Cout rounded up to 16 floats (zeros after Cout). */
+static int winograd(const struct conv_in *in, int n, int h, int w, const char *u, const float *bias, char *out,
                     int cout, int relu, int threads, const struct winograd_kind *kind) {
-    if (cin % 16 || cout % 16 || n <= 0 || h <= 0 || w <= 0) return 1;
-    const int np = kind->positions, tile = kind->tile;
+    if (n <= 0 || h <= 0 || w <= 0 || cout <= 0 || in->cin <= 0) return 1;
+    for (int s = 0; s < in->count; s++) {
+        const struct source *src = &in->src[s];
+        int factor = src->up ? 2 : 1;
+        if (src->channels <= 0 || src->hs * factor != h || src->ws * factor != w) return 1;
+    }
+    const int np = kind->positions, tile = kind->tile, cin = in->cin, cout16 = ROUND16(cout);
     const size_t size = kind->size;
     int th = (h + tile - 1) / tile, tw = (w + tile - 1) / tile;
     long tiles = (long)n * th * tw;
     int rows = block_rows(cin, np, size);
     long blocks = (tiles + rows - 1) / rows;
-    int panels = (cout + NR - 1) / NR, failed = 0;
+    int panels = (cout16 + NR - 1) / NR, failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         char *v = aligned_alloc(64, size * np * rows * cin);
@@ -201,15 +276,15 @@ static int winograd(const char *x, int n, int h, int w, int cin, const char *u, 
                 int count = tiles - t0 < rows ? (int)(tiles - t0) : rows;
                 for (int r = 0; r < count; r++) {
                     long t = t0 + r;
-                    int img = t / (th * tw), rem = t % (th * tw);
-                    kind->in(x + size * img * h * w * cin, h, w, cin, (rem / tw) * tile - 1, (rem % tw) * tile - 1,
-                             v, r, rows);
+                    long img = t / (th * tw);
+                    int rem = t % (th * tw);
+                    kind->in(in, img, h, w, (rem / tw) * tile - 1, (rem % tw) * tile - 1, v, r, rows);
                 }
                 int used = (count + MR - 1) / MR * MR;
                 for (int pn = 0; pn < panels; pn++) {
-                    int width = cout - pn * NR < NR ? cout - pn * NR : NR;
+                    int width = cout16 - pn * NR < NR ? cout16 - pn * NR : NR;
                     for (int p = 0; p < np; p++) {
-                        const char *up = u + size * ((size_t)p * cin * cout + (size_t)pn * cin * NR);
+                        const char *up = u + size * ((size_t)p * cin * cout16 + (size_t)pn * cin * NR);
                         const char *vp = v + size * p * rows * cin;
                         float *mp = m + (size_t)p * rows * NR;
                         for (int r = 0; r < used; r += MR)
@@ -218,10 +293,13 @@ static int winograd(const char *x, int n, int h, int w, int cin, const char *u, 
                     }
                     for (int r = 0; r < count; r++) {
                         long t = t0 + r;
-                        int img = t / (th * tw), rem = t % (th * tw);
-                        for (int j = 0; j < width / 16; j++)
-                            kind->out(m, rows, r, j, bias, relu, out + size * img * h * w * cout, h, w, cout,
+                        long img = t / (th * tw);
+                        int rem = t % (th * tw);
+                        for (int j = 0; j < width / 16; j++) {
+                            int first = pn * NR + 16 * j, valid = cout - first < 16 ? cout - first : 16;
+                            kind->out(m, rows, r, j, valid, bias, relu, out + size * img * h * w * cout, h, w, cout,
                                       (rem / tw) * tile, (rem % tw) * tile, pn * NR);
+                        }
                     }
                 }
             }
@@ -232,10 +310,63 @@ static int winograd(const char *x, int n, int h, int w, int cin, const char *u, 
     return failed ? 2 : 0;
 }
 
-int flexunet_winograd_f43(const float *x, int n, int h, int w, int cin, const float *u, const float *bias,
-                          float *out, int cout, int relu, int threads) {
+/* The input of the Winograd entry points: `skip` (may be NULL) then `x`, upsampled by `up`. */
+static struct conv_in conv_input(const void *x, int cx, const void *skip, int cs, int up, int h, int w) {
+    struct conv_in in = {.count = 0, .cin = 0};
+    if (skip) in.src[in.count++] = (struct source){skip, cs, h, w, 0};
+    in.src[in.count++] = (struct source){x, cx, up ? h / 2 : h, up ? w / 2 : w, up};
+    for (int s = 0; s < in.count; s++) in.cin += ROUND16(in.src[s].channels);
+    return in;
+}
+
+int flexunet_winograd_f43(const float *x, int cx, const float *skip, int cs, int up, int n, int h, int w,
+                          const float *u, const float *bias, float *out, int cout, int relu, int threads) {
     static const struct winograd_kind f43 = {P, TILE, sizeof(float), transform_tile, micro_taps_n, output_tile};
-    return winograd((const char *)x, n, h, w, cin, (const char *)u, bias, (char *)out, cout, relu, threads, &f43);
+    struct conv_in in = conv_input(x, cx, skip, cs, up, h, w);
+    return winograd(&in, n, h, w, (const char *)u, bias, (char *)out, cout, relu, threads, &f43);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Direct 3x3 'same' convolution for few input channels (an image's 1-4), float32 products,
+ * float32 or bfloat16 output. Each register block is MR pixels of a row x one output panel,
+ * summed over the nine taps.
+ *   xp   (N, H + 2, W + 2 + MR, Cin) float32: the input with one zero row above and below, one
+ *        zero column on the left and 1 + MR on the right (so that every read is in bounds)
+ *   u    (9, Cin * Cout16): the taps (ty, tx) packed as for the Winograd kernel
+ *   out  (N, H, W, Cout), float32, or bfloat16 when `bf16`
+ */
+static void store_out_n(char *out, int bf16, v16 v, int n);
+
+int flexunet_direct3x3(const float *xp, int n, int h, int w, int cin, const float *u, const float *bias,
+                       char *out, int cout, int relu, int bf16, int threads) {
+    if (n <= 0 || h <= 0 || w <= 0 || cin <= 0 || cout <= 0) return 1;
+    int wp = w + 2 + MR, blocks = (w + MR - 1) / MR, cout16 = ROUND16(cout), panels = (cout16 + NR - 1) / NR;
+    size_t size = bf16 ? 2 : 4;
+    long items = (long)n * h * blocks;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long item = 0; item < items; item++) {
+        float c[MR * NR] __attribute__((aligned(64)));
+        long img = item / ((long)h * blocks);
+        int rem = item % ((long)h * blocks), y = rem / blocks, x0 = (rem % blocks) * MR;
+        int valid = w - x0 < MR ? w - x0 : MR;
+        for (int pn = 0; pn < panels; pn++) {
+            int width = cout16 - pn * NR < NR ? cout16 - pn * NR : NR;
+            const void *a[9], *b[9];
+            for (int t = 0; t < 9; t++) {
+                a[t] = xp + (((size_t)img * (h + 2) + y + t / 3) * wp + x0 + t % 3) * cin;
+                b[t] = u + (size_t)t * cin * cout16 + (size_t)pn * cin * NR;
+            }
+            micro_taps_n(a, b, 9, cin, c, width / 16);
+            for (int r = 0; r < valid; r++)
+                for (int j = 0; j < width / 16; j++) {
+                    int first = pn * NR + 16 * j, count = cout - first < 16 ? cout - first : 16;
+                    size_t o = (((size_t)img * h + y) * w + x0 + r) * cout + first;
+                    store_out_n(out + size * o, bf16, finish(load(c + r * NR + 16 * j), load(bias + first), relu),
+                                count);
+                }
+        }
+    }
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -302,11 +433,9 @@ int flexunet_transposed_k3s2(const float *xp, int n, int h, int w, int cin, cons
 /* ------------------------------------------------------------------------------------------
  * bfloat16: Winograd F(2x2, 3x3) (coefficients 0, +-1: exact in bfloat16) with the tile and
  * kernel products in bfloat16 pairs (AVX512-BF16 dot products, float32 accumulation). The
- * transforms run in float32; input, V, U and output are bfloat16.
- *   x    (N, H, W, Cin)  bfloat16, Cin % 16 == 0
- *   u    (16, Cin * Cout) bfloat16: per position, panels of up to 64 output channels, each
- *        stored (Cin / 2, width, 2): pairs of consecutive input channels side by side
- *   out  (N, H, W, Cout) bfloat16, Cout % 16 == 0
+ * transforms run in float32; sources, V, U and output are bfloat16, laid out as in float32
+ * except u (16, Cin * Cout16): per position, panels of up to 64 output channels, each stored
+ * (Cin / 2, width, 2): pairs of consecutive input channels side by side.
  */
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
@@ -316,33 +445,38 @@ int flexunet_has_bf16(void) { return 1; }
 #define P2 16
 #define A2 4
 
-static inline v16 load_bf16(const unsigned short *p) {
-    __m256i raw = _mm256_loadu_si256((const __m256i *)p);
+static inline v16 load_bf16_n(const char *p, int n) {
+    __m256i raw = _mm256_maskz_loadu_epi16((__mmask16)(0xFFFFu >> (16 - n)), p);
     return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16);
 }
 
-static inline v16 load_bf16_bytes(const char *p) { return load_bf16((const unsigned short *)p); }
-
-static inline void store_bf16(unsigned short *p, v16 v) {
-    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh((__m512)v));
+static inline void store_bf16_n(unsigned short *p, v16 v, int n) {
+    _mm256_mask_storeu_epi16(p, (__mmask16)(0xFFFFu >> (16 - n)), (__m256i)_mm512_cvtneps_pbh((__m512)v));
 }
 
-static void transform_tile_bf16(const void *xv, int h, int w, int cin, int y0, int x0, void *vv, int r, int rows) {
+static inline void store_bf16(unsigned short *p, v16 v) { store_bf16_n(p, v, 16); }
+
+static void transform_tile_bf16(const struct conv_in *in, long img, int h, int w, int y0, int x0, void *vv, int r,
+                                int rows) {
     unsigned short *v = vv;
-    for (int c = 0; c < cin; c += 16) {
-        v16 d[A2][A2], t[A2][A2];
-        gather(xv, sizeof(unsigned short), load_bf16_bytes, A2, h, w, cin, y0, x0, c, &d[0][0]);
-        for (int j = 0; j < A2; j++) { /* columns: rows of B^T */
-            t[0][j] = d[0][j] - d[2][j];
-            t[1][j] = d[1][j] + d[2][j];
-            t[2][j] = d[2][j] - d[1][j];
-            t[3][j] = d[1][j] - d[3][j];
+    int vc = 0;
+    for (int s = 0; s < in->count; s++)
+        for (int c = 0; c < in->src[s].channels; c += 16, vc += 16) {
+            int n = in->src[s].channels - c < 16 ? in->src[s].channels - c : 16;
+            v16 d[A2][A2], t[A2][A2];
+            gather(&in->src[s], sizeof(unsigned short), load_bf16_n, A2, img, h, w, y0, x0, c, n, &d[0][0]);
+            for (int j = 0; j < A2; j++) { /* columns: rows of B^T */
+                t[0][j] = d[0][j] - d[2][j];
+                t[1][j] = d[1][j] + d[2][j];
+                t[2][j] = d[2][j] - d[1][j];
+                t[3][j] = d[1][j] - d[3][j];
+            }
+            for (int i = 0; i < A2; i++) {
+                v16 res[A2] = {t[i][0] - t[i][2], t[i][1] + t[i][2], t[i][2] - t[i][1], t[i][1] - t[i][3]};
+                for (int j = 0; j < A2; j++)
+                    store_bf16(v + ((size_t)(i * A2 + j) * rows + r) * in->cin + vc, res[j]);
+            }
         }
-        for (int i = 0; i < A2; i++) {
-            v16 res[A2] = {t[i][0] - t[i][2], t[i][1] + t[i][2], t[i][2] - t[i][1], t[i][1] - t[i][3]};
-            for (int j = 0; j < A2; j++) store_bf16(v + ((size_t)(i * A2 + j) * rows + r) * cin + c, res[j]);
-        }
-    }
 }
 
 /* micro_taps in bfloat16: b[t] holds (k / 2, 16 nv, 2) pairs; float32 accumulation. */
@@ -380,7 +514,7 @@ static void micro_taps_bf16_n(const void *const *a, const void *const *b, int nt
     }
 }
 
-static void output_tile_bf16(const float *m, int rows, int r, int j, const float *bias, int relu,
+static void output_tile_bf16(const float *m, int rows, int r, int j, int n, const float *bias, int relu,
                              void *outv, int h, int w, int cout, int y0, int x0, int col0) {
     unsigned short *out = outv;
     v16 mm[A2][A2];
@@ -398,14 +532,16 @@ static void output_tile_bf16(const float *m, int rows, int r, int j, const float
     v16 b = bias ? load(bias + col0 + 16 * j) : (v16){0};
     for (int i = 0; i < 2 && y0 + i < h; i++)
         for (int jj = 0; jj < 2 && x0 + jj < w; jj++)
-            store_bf16(out + ((size_t)(y0 + i) * w + x0 + jj) * cout + col0 + 16 * j, finish(o[i][jj], b, relu));
+            store_bf16_n(out + ((size_t)(y0 + i) * w + x0 + jj) * cout + col0 + 16 * j, finish(o[i][jj], b, relu), n);
 }
 
-int flexunet_winograd_f23_bf16(const unsigned short *x, int n, int h, int w, int cin, const unsigned short *u,
-                               const float *bias, unsigned short *out, int cout, int relu, int threads) {
+int flexunet_winograd_f23_bf16(const unsigned short *x, int cx, const unsigned short *skip, int cs, int up, int n,
+                               int h, int w, const unsigned short *u, const float *bias, unsigned short *out, int cout,
+                               int relu, int threads) {
     static const struct winograd_kind f23 = {P2, 2, sizeof(unsigned short), transform_tile_bf16, micro_taps_bf16_n,
                                              output_tile_bf16};
-    return winograd((const char *)x, n, h, w, cin, (const char *)u, bias, (char *)out, cout, relu, threads, &f23);
+    struct conv_in in = conv_input(x, cx, skip, cs, up, h, w);
+    return winograd(&in, n, h, w, (const char *)u, bias, (char *)out, cout, relu, threads, &f23);
 }
 
 /* The transposed convolution in bfloat16 (layouts as in float32; u in pairs). */
@@ -422,8 +558,8 @@ int flexunet_transposed_k3s2_bf16(const unsigned short *xp, int n, int h, int w,
 #else
 int flexunet_has_bf16(void) { return 0; }
 /* Without AVX512-BF16 the bfloat16 entry points refuse (status 3); flexunet_has_bf16 tells callers. */
-int flexunet_winograd_f23_bf16(const void *x, int n, int h, int w, int cin, const void *u, const float *bias,
-                               void *out, int cout, int relu, int threads) {
+int flexunet_winograd_f23_bf16(const void *x, int cx, const void *skip, int cs, int up, int n, int h, int w,
+                               const void *u, const float *bias, void *out, int cout, int relu, int threads) {
     return 3;
 }
 int flexunet_transposed_k3s2_bf16(const void *xp, int n, int h, int w, int cin, const void *u, const float *bias,
@@ -431,3 +567,18 @@ int flexunet_transposed_k3s2_bf16(const void *xp, int n, int h, int w, int cin, 
     return 3;
 }
 #endif
+
+/* The first n lanes of v at out, as float32 or (rounded to nearest even) bfloat16. */
+static void store_out_n(char *out, int bf16, v16 v, int n) {
+    if (!bf16) {
+        store_f32_n((float *)out, v, n);
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        unsigned int bits;
+        memcpy(&bits, (const float *)&v + i, sizeof bits);
+        unsigned short half = (bits & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((bits >> 16) | 0x40)
+                                                                   : (unsigned short)((bits + 0x7fffu + ((bits >> 16) & 1)) >> 16);
+        memcpy(out + 2 * i, &half, sizeof half);
+    }
+}
