@@ -332,7 +332,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             try:
-                what = TARGETS[target](Path(tmp), case_rng)
+                TARGETS[target](Path(tmp), case_rng)
                 outcome = "loaded and ran"
             except DOCUMENTED as err:
                 outcome = type(err).__name__

@@ -17,8 +17,7 @@ if not native.available():
 
 
 def _native(x, weight, bias, relu=False, dtype=torch.float32, skip=None, upsample=None):
-    groups = None if skip is None else (skip.shape[1], x.shape[1])
-    packed = native.transform_kernel(weight, dtype, groups)
+    packed = native.transform_kernel(weight, dtype)
     return native.winograd_conv3x3(x, packed, bias, weight.shape[0], relu=relu, skip=skip, upsample=upsample)
 
 
@@ -155,7 +154,7 @@ def test_native_winograd_reads_channels_first_input():
 def test_native_winograd_rejects_what_it_cannot_take():
     assert native.supports_winograd(torch.float32)
     assert not native.supports_winograd(torch.float16)
-    packed = native.transform_kernel(torch.zeros(16, 32, 3, 3), torch.float32, (16, 16))
+    packed = native.transform_kernel(torch.zeros(16, 32, 3, 3), torch.float32)
     skip = torch.zeros(1, 16, 6, 6)
     with pytest.raises(ValueError, match="matching source sizes"):  # x upsampled is 8x8, the skip 6x6
         native.winograd_conv3x3(torch.zeros(1, 16, 4, 4), packed, None, 16, skip=skip, upsample="bilinear")

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 import flexunet
 from flexunet import kernels
-from flexunet.kernels import native
 from flexunet.layers import Conv2dSame, ConvTranspose2dSame
 
 CONV3X3 = torch.ops.flexunet.conv3x3.default

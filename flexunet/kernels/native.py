@@ -227,31 +227,25 @@ def pack_kernel(kernel: torch.Tensor, pairs: bool = False) -> torch.Tensor:
     return torch.cat(parts, dim=1).contiguous()
 
 
-def pad_weight(weight: torch.Tensor, groups: Optional[tuple[int, ...]] = None) -> torch.Tensor:
-    """A (Cout, Cin, k, k) weight with zero output channels up to a multiple of 16, and each group
-    of input channels (default: one group of all) padded the same way, as the kernels read them."""
+def pad_weight(weight: torch.Tensor, even_inputs: bool = False) -> torch.Tensor:
+    """A (Cout, Cin, k, k) weight with zero output channels up to a multiple of 16 and, with
+    `even_inputs` (bfloat16 pairs), a zero input channel when Cin is odd, as the kernels read it."""
     cout, cin = weight.shape[:2]
-    groups = groups or (cin,)
-    parts, start = [], 0
-    for size in groups:
-        part = weight[:, start:start + size]
-        parts.append(F.pad(part, (0, 0, 0, 0, 0, round16(size) - size, 0, round16(cout) - cout)))
-        start += size
-    return torch.cat(parts, dim=1)
+    extra_in = cin % 2 if even_inputs else 0
+    return F.pad(weight, (0, 0, 0, 0, 0, extra_in, 0, round16(cout) - cout))
 
 
-def transform_kernel(weight: torch.Tensor, dtype: torch.dtype = torch.float32,
-                     groups: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+def transform_kernel(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A (Cout, Cin, 3, 3) weight in Winograd space, padded (`pad_weight`) and packed for
-    `winograd_conv3x3` in `dtype`; `groups` are the input channels of each source.
+    `winograd_conv3x3` in `dtype`. For a joined input, Cin is the skip's channels then x's.
 
     float32 uses F(4x4, 3x3) (36 positions), bfloat16 F(2x2, 3x3) (16 positions).
     The nine taps are packed first and transformed after (the transform is
     linear per column), which copies a quarter as much.
     """
-    padded = pad_weight(weight.detach().float(), groups)
-    cout, cin = padded.shape[:2]
     bf16 = dtype == torch.bfloat16
+    padded = pad_weight(weight.detach().float(), even_inputs=bf16)
+    cout, cin = padded.shape[:2]
     _, gg, _ = fastconv.winograd_matrices(2 if bf16 else 4, torch.float32)
     taps = pack_kernel(padded.permute(2, 3, 1, 0).reshape(9, cin, cout), pairs=bf16)
     return (gg @ taps).to(dtype)
@@ -284,8 +278,8 @@ def winograd_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch
     `[skip, upsample(x)]` (just `x` without `skip`; `upsample` None, "bilinear" or "nearest",
     by 2): the upsampled and concatenated input is formed while tiles are gathered, never stored.
 
-    `packed` comes from `transform_kernel(weight, dtype, groups)` with `groups` the
-    channels of (skip, x): float32 runs F(4x4, 3x3), bfloat16 F(2x2, 3x3) with
+    `packed` comes from `transform_kernel(weight, dtype)`, its input channels those
+    of the skip, then x's: float32 runs F(4x4, 3x3), bfloat16 F(2x2, 3x3) with
     bfloat16 products accumulated in float32. `relu` rectifies the output. The
     result is (N, out_channels, H, W), channels-last in that dtype; callers check
     `supports_winograd` first.

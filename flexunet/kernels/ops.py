@@ -118,9 +118,7 @@ def _conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
         if skip is None and upsample == "none" and cin <= native.DIRECT_MAX_CHANNELS:
             packed = _derived(weight, ("direct",), lambda: native.pack_direct(weight), cache)
             return native.direct_conv3x3(x, packed, bias, cout, relu, dtype)
-        groups = (skip.shape[1], x.shape[1]) if skip is not None else None
-        kind = ("winograd", dtype) + ((groups,) if groups else ())
-        packed = _derived(weight, kind, lambda: native.transform_kernel(weight, dtype, groups), cache)
+        packed = _derived(weight, ("winograd", dtype), lambda: native.transform_kernel(weight, dtype), cache)
         return native.winograd_conv3x3(x, packed, bias, cout, relu, skip, None if upsample == "none" else upsample)
     x = _upsampled_input(x.to(dtype), skip, upsample).contiguous(memory_format=CHANNELS_LAST)
     if min(cin, cout) >= TORCH_WINOGRAD_MIN_CHANNELS:

@@ -13,8 +13,9 @@
  * concatenation of up to two sources (a decoder's skip and its upsampled input): a source at
  * half the output's size is upsampled x2 (bilinear with half-pixel centres, or nearest) while
  * it is gathered, so neither the upsampled tensor nor the concatenation is ever written.
- * Channel counts need not be multiples of 16: each source's channels are padded to 16 inside
- * V (masked loads) and output channels are stored masked, so any count runs without copies.
+ * Channel counts need not be multiples of 16: channels are loaded and stored into V with
+ * masks, packed tight (the products sum over exactly Cin), and output channels are stored
+ * masked, so any count runs without copies.
  * All products go through one register-blocked microkernel per element type (MR pixels x up
  * to 64 channels, summed over kernel taps). Built at first use with -O3 -march=native; GCC
  * vector extensions map the 16-float vectors onto AVX-512 or pairs of AVX2 registers. Entry
@@ -24,10 +25,10 @@
  * Float32 Winograd layouts:
  *   x    (N, h, w, Cx)              upsampled: h = H / 2, w = W / 2; else h = H, w = W
  *   skip (N, H, W, Cs) or NULL      concatenated before x, as SLEAP's decoders do
- *   u    (36, Cin * Cout16)         kernel in Winograd space, Cin = Cs16 + Cx16 (each rounded up
- *                                   to 16, zero rows for the padding), per position in panels of
- *                                   NR = 64 output channels (the last may be narrower), each panel
- *                                   (Cin, width) row-major
+ *   u    (36, Cin * Cout16)         kernel in Winograd space, Cin = Cs + Cx (bfloat16: rounded up
+ *                                   to even), Cout16 = Cout rounded up to 16 (zero columns), per
+ *                                   position in panels of NR = 64 output channels (the last may be
+ *                                   narrower), each panel (Cin, width) row-major
  *   out  (N, H, W, Cout)
  */
 #include <stdlib.h>
@@ -84,10 +85,10 @@ struct source {
     int channels, hs, ws, up;
 };
 
-/* The convolution's input: the channel concatenation of its sources, each padded to 16. */
+/* The convolution's input: the channel concatenation of its sources. */
 struct conv_in {
     struct source src[2];
-    int count, cin; /* sources, and channels of the padded concatenation */
+    int count, cin; /* sources, and channels of the concatenation (rounded up to even for bfloat16) */
 };
 
 typedef v16 (*load_fn)(const char *p, int n);
@@ -150,7 +151,7 @@ static void transform_tile(const struct conv_in *in, long img, int h, int w, int
     float *v = vv;
     int vc = 0;
     for (int s = 0; s < in->count; s++)
-        for (int c = 0; c < in->src[s].channels; c += 16, vc += 16) {
+        for (int c = 0; c < in->src[s].channels; c += 16) {
             int n = in->src[s].channels - c < 16 ? in->src[s].channels - c : 16;
             v16 d[A][A], t[A][A];
             gather(&in->src[s], sizeof(float), load_f32_n, A, img, h, w, y0, x0, c, n, &d[0][0]);
@@ -163,8 +164,9 @@ static void transform_tile(const struct conv_in *in, long img, int h, int w, int
             for (int i = 0; i < A; i++) { /* rows */
                 v16 res[A];
                 input_1d(t[i], res);
-                for (int j = 0; j < A; j++) store(v + ((size_t)(i * A + j) * rows + r) * in->cin + vc, res[j]);
+                for (int j = 0; j < A; j++) store_f32_n(v + ((size_t)(i * A + j) * rows + r) * in->cin + vc, res[j], n);
             }
+            vc += n;
         }
 }
 
@@ -310,19 +312,21 @@ static int winograd(const struct conv_in *in, int n, int h, int w, const char *u
     return failed ? 2 : 0;
 }
 
-/* The input of the Winograd entry points: `skip` (may be NULL) then `x`, upsampled by `up`. */
-static struct conv_in conv_input(const void *x, int cx, const void *skip, int cs, int up, int h, int w) {
+/* The input of the Winograd entry points: `skip` (may be NULL) then `x`, upsampled by `up`;
+ * `pairs` rounds the channel count up to even (bfloat16 products take channel pairs). */
+static struct conv_in conv_input(const void *x, int cx, const void *skip, int cs, int up, int h, int w, int pairs) {
     struct conv_in in = {.count = 0, .cin = 0};
     if (skip) in.src[in.count++] = (struct source){skip, cs, h, w, 0};
     in.src[in.count++] = (struct source){x, cx, up ? h / 2 : h, up ? w / 2 : w, up};
-    for (int s = 0; s < in.count; s++) in.cin += ROUND16(in.src[s].channels);
+    for (int s = 0; s < in.count; s++) in.cin += in.src[s].channels;
+    if (pairs) in.cin += in.cin % 2;
     return in;
 }
 
 int flexunet_winograd_f43(const float *x, int cx, const float *skip, int cs, int up, int n, int h, int w,
                           const float *u, const float *bias, float *out, int cout, int relu, int threads) {
     static const struct winograd_kind f43 = {P, TILE, sizeof(float), transform_tile, micro_taps_n, output_tile};
-    struct conv_in in = conv_input(x, cx, skip, cs, up, h, w);
+    struct conv_in in = conv_input(x, cx, skip, cs, up, h, w, 0);
     return winograd(&in, n, h, w, (const char *)u, bias, (char *)out, cout, relu, threads, &f43);
 }
 
@@ -461,7 +465,7 @@ static void transform_tile_bf16(const struct conv_in *in, long img, int h, int w
     unsigned short *v = vv;
     int vc = 0;
     for (int s = 0; s < in->count; s++)
-        for (int c = 0; c < in->src[s].channels; c += 16, vc += 16) {
+        for (int c = 0; c < in->src[s].channels; c += 16) {
             int n = in->src[s].channels - c < 16 ? in->src[s].channels - c : 16;
             v16 d[A2][A2], t[A2][A2];
             gather(&in->src[s], sizeof(unsigned short), load_bf16_n, A2, img, h, w, y0, x0, c, n, &d[0][0]);
@@ -474,8 +478,9 @@ static void transform_tile_bf16(const struct conv_in *in, long img, int h, int w
             for (int i = 0; i < A2; i++) {
                 v16 res[A2] = {t[i][0] - t[i][2], t[i][1] + t[i][2], t[i][2] - t[i][1], t[i][1] - t[i][3]};
                 for (int j = 0; j < A2; j++)
-                    store_bf16(v + ((size_t)(i * A2 + j) * rows + r) * in->cin + vc, res[j]);
+                    store_bf16_n(v + ((size_t)(i * A2 + j) * rows + r) * in->cin + vc, res[j], n);
             }
+            vc += n;
         }
 }
 
@@ -540,7 +545,7 @@ int flexunet_winograd_f23_bf16(const unsigned short *x, int cx, const unsigned s
                                int relu, int threads) {
     static const struct winograd_kind f23 = {P2, 2, sizeof(unsigned short), transform_tile_bf16, micro_taps_bf16_n,
                                              output_tile_bf16};
-    struct conv_in in = conv_input(x, cx, skip, cs, up, h, w);
+    struct conv_in in = conv_input(x, cx, skip, cs, up, h, w, 1);
     return winograd(&in, n, h, w, (const char *)u, bias, (char *)out, cout, relu, threads, &f23);
 }
 
