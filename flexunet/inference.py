@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
-import functools
 from typing import Any
 
 import torch
 from torch import nn
+
+from flexunet.kernels import allocator
 
 
 class InferenceRunner:
@@ -43,24 +42,6 @@ def _cast(out: Any, dtype: torch.dtype) -> Any:
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def keep_large_allocations() -> bool:
-    """Ask glibc's malloc to serve large blocks from its heap and keep freed memory.
-
-    By default glibc maps every block over 32 MiB afresh and returns it on free,
-    so each multi-MB activation costs thousands of page faults per call. Returns
-    False where the C library is not glibc (nothing is changed there).
-    """
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
-
-
 def optimize_for_inference(model: nn.Module, example_input: torch.Tensor, dtype: torch.dtype = torch.float32,
                            tune_allocator: bool = True) -> InferenceRunner:
     """Prepare a copy of `model` for fast CPU inference; returns a callable with its outputs.
@@ -71,9 +52,10 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor, dtype:
     flexunet CPU kernels (`flexunet.kernels`: native, or their pure-PyTorch fallbacks) run
     in eager mode, where they beat compiled direct convolutions, so no graph
     compiler is involved. Outputs come back in the input's dtype. With `tune_allocator`
-    (default), glibc's malloc is also told to keep large freed blocks for reuse
-    (`keep_large_allocations`): this process then holds on to its peak memory,
-    and large allocations skip the page faults of freshly mapped memory.
+    (default), glibc's malloc is told to keep large freed blocks for reuse
+    (`flexunet.kernels.allocator`): this process then holds on to its peak
+    memory, and large allocations skip the page faults of freshly mapped memory.
+    The kernels do the same at their first use unless `FLEXUNET_KEEP_FREED_MEMORY=0`.
 
     Args:
         model: A flexunet model (`UNet`, `SleapModel`); it is not modified.
@@ -81,7 +63,7 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor, dtype:
         dtype: `torch.float32` (outputs within 1e-4 relative of eager) or
             `torch.bfloat16` (about 1% of the output's range).
         tune_allocator: Tune glibc's malloc for repeated large allocations
-            (process-wide; see above). False leaves the allocator alone.
+            (process-wide; see above) now rather than at the kernels' first use.
 
     Returns:
         An `InferenceRunner`: `runner(x)` returns what `model(x)` returns.
@@ -91,7 +73,7 @@ def optimize_for_inference(model: nn.Module, example_input: torch.Tensor, dtype:
     if not isinstance(example_input, torch.Tensor) or not example_input.is_floating_point():
         raise TypeError("example_input must be a floating-point torch.Tensor of shape (N, C, H, W).")
     if tune_allocator:
-        keep_large_allocations()
+        allocator.keep_freed_memory()
     prepared = copy.deepcopy(model).eval()
     prepared.requires_grad_(False)
     prepared.to(dtype=dtype, memory_format=torch.channels_last)

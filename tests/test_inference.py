@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import flexunet
-from flexunet import inference
+from flexunet.kernels import allocator
 from flexunet.kernels import native
 
 
@@ -56,7 +56,7 @@ def test_bad_arguments_are_rejected(model, bad, error, match):
 
 def test_allocator_tuning_is_optional(model, monkeypatch):
     calls = []
-    monkeypatch.setattr(inference, "keep_large_allocations", lambda: calls.append(1) or True)
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
     flexunet.optimize_for_inference(model, torch.rand(1, 1, 16, 16), tune_allocator=False)
     assert calls == []
     flexunet.optimize_for_inference(model, torch.rand(1, 1, 16, 16))
@@ -67,8 +67,8 @@ def test_allocator_tuning_takes_effect_on_glibc():
     import platform
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
-    inference.keep_large_allocations.cache_clear()
-    assert inference.keep_large_allocations() is True
+    allocator.keep_freed_memory.cache_clear()
+    assert allocator.keep_freed_memory() is True
 
 
 def test_without_native_kernels_the_runner_falls_back_with_a_warning(model, monkeypatch):
@@ -82,3 +82,12 @@ def test_without_native_kernels_the_runner_falls_back_with_a_warning(model, monk
             torch.testing.assert_close(runner(x), model(x), atol=1e-5, rtol=1e-4)
     finally:
         native.library.cache_clear()
+
+
+def test_keeping_freed_memory_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("FLEXUNET_KEEP_FREED_MEMORY", "0")
+    allocator.keep_freed_memory.cache_clear()
+    try:
+        assert allocator.keep_freed_memory() is False
+    finally:
+        allocator.keep_freed_memory.cache_clear()

@@ -15,10 +15,10 @@ the only choice:
 * while exporting (`torch.export`, ONNX) or scripting: exported graphs hold
   standard operators that any runtime executes;
 * off the CPU, or for dtypes other than float32 and bfloat16;
-* in training, except 3x3 float32 convolutions with enough 4x4 output tiles
-  for their channel count (`MIN_TRAINING_TILES`; the operator then also
-  computes the input gradient; oneDNN's own backward wins on smaller maps and
-  for transposed convolutions).
+* in training, except 3x3 float32 convolutions of at least
+  `TRAINING_MIN_CHANNELS` channels (the operator then also computes both
+  gradients on the fused kernels; oneDNN's own backward wins for an image's few
+  input channels and for transposed convolutions).
 
 Under `torch.autocast` the operators compute in the autocast dtype with weights
 cast once and cached, not at every call.
@@ -32,12 +32,13 @@ import torch
 
 from flexunet.kernels import native, ops
 
-# Training: (fewest input/output channels, fewest 4x4 output tiles per batch) from which the fused
-# kernel's forward + input gradient beat oneDNN's, although every step transforms the kernel twice.
-# Measured per layer, batch 4, 2 threads, operator vs oneDNN: 512->512 @24x24 (144 tiles) 128 vs 173 ms,
-# 256->256 @12x12 (36 tiles) 12 vs 15 ms, 128->128 @24x24 8.4 vs 10.1 ms; but 128->128 @12x12
-# 3.3 vs 2.8 ms and 64->64 @24x24 3.3 vs 2.7 ms.
-MIN_TRAINING_TILES = ((256, 32), (128, 128), (16, 512))
+# Training runs 3x3 float32 convolutions with at least this many input and output channels on the
+# operator (forward, input gradient and weight gradient on the fused kernels). Measured on whole Adam
+# steps of SLEAP's profiles, 2 threads: from 16 channels on, every layer on the operator beats any
+# per-layer choice (baseline_medium_rf.topdown 0.67 s vs 0.77 s with only wide or large layers on it);
+# an image's 1-3 input channels train faster on oneDNN (0.69 s).
+TRAINING_MIN_CHANNELS = 16
+TRAINING_MIN_TILES = 64
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -67,9 +68,10 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     tracked = _tracked(x, weight) or (skip is not None and _tracked(skip, weight))
     if tracked:
         n, _, h, w = x.shape
-        channels, tiles = min(weight.shape[:2]), n * -(-h // 4) * -(-w // 4)
-        pays = any(channels >= c and tiles >= t for c, t in MIN_TRAINING_TILES)
-        if not (dtype == x.dtype == weight.dtype == torch.float32 and pays):
+        factor = 1 if upsample is None else 2
+        tiles = n * -(-h * factor // 4) * -(-w * factor // 4)
+        if not (dtype == x.dtype == weight.dtype == torch.float32 and tiles >= TRAINING_MIN_TILES
+                and min(weight.shape[:2]) >= TRAINING_MIN_CHANNELS):
             return None
     return torch.ops.flexunet.conv3x3(x, weight, bias, dtype, not tracked, relu, skip, upsample or "none")
 
@@ -82,4 +84,4 @@ def conv_transpose(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return torch.ops.flexunet.conv_transpose_same(x, weight, bias, stride, crop, compute_dtype(x))
 
 
-__all__ = ["MIN_TRAINING_TILES", "compute_dtype", "conv3x3", "conv_transpose", "native", "ops"]
+__all__ = ["TRAINING_MIN_CHANNELS", "compute_dtype", "conv3x3", "conv_transpose", "native", "ops"]

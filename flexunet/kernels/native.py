@@ -172,6 +172,7 @@ def library() -> Optional[ctypes.CDLL]:
             signatures = {  # argument types of each entry point, as in csrc/winograd.c
                 "winograd_f43": [ptr, i, ptr, i, i, i, i, i, ptr, ptr, ptr, i, i, i],
                 "direct3x3": [ptr, i, i, i, i, ptr, ptr, ptr, i, i, i, i],
+                "winograd_f43_weight_grad": [ptr, i, ptr, i, i, ptr, i, i, i, i, ptr, i],
                 "transposed_k3s2": [ptr, i, i, i, i, ptr, ptr, ptr, i, i],
             }
             signatures["winograd_f23_bf16"] = signatures["winograd_f43"]
@@ -304,6 +305,32 @@ def winograd_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch
                 torch.get_num_threads())
     _status(name, status, tuple(x.shape), out_channels, dtype)
     return out
+
+
+def winograd_weight_grad(x: torch.Tensor, grad: torch.Tensor, skip: Optional[torch.Tensor] = None,
+                         upsample: Optional[str] = None) -> torch.Tensor:
+    """The weight gradient (Cout, Cskip + Cx, 3, 3) of the float32 3x3 'same' convolution of
+    `cat([skip, upsample(x)])` (as `winograd_conv3x3` forms it) whose output gradient is
+    `grad`, computed in Winograd F(4x4, 3x3) space on the fused kernel."""
+    n, cx, h, w = grad.shape[0], x.shape[1], grad.shape[2], grad.shape[3]
+    cout, cs = grad.shape[1], 0 if skip is None else skip.shape[1]
+    x = x.float().contiguous(memory_format=torch.channels_last)
+    skip = None if skip is None else skip.float().contiguous(memory_format=torch.channels_last)
+    grad = grad.float().contiguous(memory_format=torch.channels_last)
+    factor = 2 if upsample else 1
+    if tuple(x.shape[2:]) != (h // factor, w // factor) or h % factor or w % factor or (
+            skip is not None and tuple(skip.shape[2:]) != (h, w)):
+        raise ValueError(f"flexunet's weight gradient kernel needs matching source sizes: x {tuple(x.shape)}, "
+                         f"skip {None if skip is None else tuple(skip.shape)}, gradient {tuple(grad.shape)}.")
+    threads, cin = torch.get_num_threads(), cs + cx
+    partial = torch.empty(threads, 36, -(-cin // MR) * MR, round16(cout))
+    status = library().flexunet_winograd_f43_weight_grad(
+        x.data_ptr(), cx, None if skip is None else skip.data_ptr(), cs, UPSAMPLING[upsample], grad.data_ptr(),
+        n, h, w, cout, partial.data_ptr(), threads)
+    _status("winograd_f43_weight_grad", status, tuple(x.shape), cout, torch.float32)
+    du = partial.sum(0)[:, :cin, :cout]  # (36, Cin, Cout)
+    _, gg, _ = fastconv.winograd_matrices(4, torch.float32)
+    return (gg.t() @ du.reshape(36, -1)).view(3, 3, cin, cout).permute(3, 2, 0, 1).contiguous()
 
 
 # Input channels up to which `direct_conv3x3` beats Winograd (whose products pad them to 16).

@@ -33,6 +33,14 @@ from flexunet.kernels import fastconv, native
 # 3x3 convolutions with at least this many input and output channels use the PyTorch Winograd
 # path when the native kernels are unavailable: below it oneDNN's direct convolution is faster.
 TORCH_WINOGRAD_MIN_CHANNELS = 256
+# The native weight gradient (Winograd space) needs enough 4x4 output tiles to amortise its
+# per-call work on the (36, Cin, Cout) sums, and more than 16 channels (below, the transforms
+# dominate). Measured, 2 threads, native vs oneDNN: 384->128 @64x64 batch 2 (512 tiles) 19 vs 36 ms,
+# 256->256 @32x32 (128 tiles) 9.6 vs 11.6 ms, 24->24 @192x192 batch 16 34 vs 40 ms; but
+# 512->512 @16x16 (32 tiles) 26 vs 14 ms, 182->182 @6x6 batch 16 (64 tiles) 3.0 vs 1.8 ms,
+# 16->16 @512x512 batch 2 13.9 vs 11.9 ms.
+NATIVE_WEIGHT_GRAD_MIN_TILES = 128
+NATIVE_WEIGHT_GRAD_MAX_NARROW = 16
 CHANNELS_LAST = torch.channels_last
 
 
@@ -165,17 +173,36 @@ def _conv3x3_backward(ctx, grad):
             else:
                 grad_x = torch.ops.aten.upsample_nearest2d_backward.default(grad_x, size, shape, None, None)
     need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-    inputs = _upsampled_input(x, skip, ctx.upsample) if need_w else None
-    if need_w and min(weight.shape[:2]) >= TORCH_WINOGRAD_MIN_CHANNELS and x.dtype == torch.float32:
-        # Wide layers: the weight gradient as one batched product in Winograd space.
-        grad_w = fastconv.winograd_weight_grad(inputs, grad)
-        grad_b = grad.sum((0, 2, 3)) if need_b else None
-    elif need_w or need_b:
-        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad.to(x.dtype), inputs if inputs is not None else _upsampled_input(x, skip, ctx.upsample), weight,
-            [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-            [False, need_w, need_b])
+    grad_b = grad.sum((0, 2, 3)).to(weight.dtype) if need_b else None
+    if need_w:
+        grad_w = torch.ops.flexunet.conv3x3_weight_grad(x, grad, skip, ctx.upsample).to(weight.dtype)
     return grad_x, grad_w, grad_b, None, None, None, grad_skip, None
+
+
+@torch.library.custom_op("flexunet::conv3x3_weight_grad", mutates_args=(), device_types="cpu")
+def conv3x3_weight_grad(x: torch.Tensor, grad: torch.Tensor, skip: Optional[torch.Tensor],
+                        upsample: str) -> torch.Tensor:
+    """The weight gradient (Cout, Cskip + Cx, 3, 3) of `conv3x3(x, ..., skip=skip, upsample=upsample)`
+    whose output gradient is `grad`."""
+    with torch.autocast("cpu", enabled=False):
+        n, cout, h, w = grad.shape
+        tiles, cin = n * -(-h // 4) * -(-w // 4), x.shape[1] + (0 if skip is None else skip.shape[1])
+        if (x.dtype == torch.float32 and native.available() and tiles >= NATIVE_WEIGHT_GRAD_MIN_TILES
+                and min(cin, cout) > NATIVE_WEIGHT_GRAD_MAX_NARROW):
+            # In Winograd space, the joined input formed while reading, as in the forward pass.
+            return native.winograd_weight_grad(x, grad, skip, None if upsample == "none" else upsample)
+        inputs = _upsampled_input(x, skip, upsample)  # recomputed: cheaper than keeping it
+        if min(inputs.shape[1], grad.shape[1]) >= TORCH_WINOGRAD_MIN_CHANNELS and x.dtype == torch.float32:
+            return fastconv.winograd_weight_grad(inputs, grad)  # one batched product in Winograd space
+        weight_shape = [grad.shape[1], inputs.shape[1], 3, 3]
+        return torch.ops.aten.convolution_backward(grad.to(x.dtype), inputs, inputs.new_empty(weight_shape), None,
+                                                   [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])[1]
+
+
+@conv3x3_weight_grad.register_fake
+def _(x, grad, skip, upsample):
+    cin = x.shape[1] + (0 if skip is None else skip.shape[1])
+    return x.new_empty((grad.shape[1], cin, 3, 3))
 
 
 conv3x3.register_autograd(_conv3x3_backward, setup_context=_conv3x3_setup)

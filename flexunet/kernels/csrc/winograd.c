@@ -115,10 +115,35 @@ static inline __attribute__((always_inline)) v16 fetch(const struct source *s, s
 }
 
 /* The a x a input pixels (channels c..c+n-1 of source s, zero after) of a tile with top-left
- * pixel (y0, x0) of image `img`, zero outside the h x w output. */
+ * pixel (y0, x0) of image `img`, zero outside the h x w output. Tiles start at odd pixels
+ * (y0 = tile * k - 1), so a bilinear source is read once per tile: its a / 2 + 1 rows and
+ * columns around the tile, interpolated along rows, then along columns. */
 static inline __attribute__((always_inline)) void gather(const struct source *s, size_t size, load_fn ld, int a,
                                                          long img, int h, int w, int y0, int x0, int c, int n,
                                                          v16 *d) {
+    if (s->up == 1) {
+        const int l = a / 2 + 1, ly = (y0 - 1) >> 1, lx = (x0 - 1) >> 1;
+        const char *base = s->data + size * ((size_t)img * s->hs * s->ws * s->channels + c);
+        v16 lo[4][4], row[4][6];
+        for (int r = 0; r < l; r++) {
+            int yy = ly + r < 0 ? 0 : (ly + r >= s->hs ? s->hs - 1 : ly + r);
+            for (int q = 0; q < l; q++) {
+                int xx = lx + q < 0 ? 0 : (lx + q >= s->ws ? s->ws - 1 : lx + q);
+                lo[r][q] = ld(base + size * (((size_t)yy * s->ws + xx) * s->channels), n);
+            }
+            for (int j = 0; j < a; j++) /* even j: an odd pixel, 3/4 of the nearer left source pixel */
+                row[r][j] = (j & 1) ? 0.25f * lo[r][j / 2] + 0.75f * lo[r][j / 2 + 1]
+                                    : 0.75f * lo[r][j / 2] + 0.25f * lo[r][j / 2 + 1];
+        }
+        for (int i = 0; i < a; i++)
+            for (int j = 0; j < a; j++) {
+                int inside = y0 + i >= 0 && y0 + i < h && x0 + j >= 0 && x0 + j < w;
+                v16 value = (i & 1) ? 0.25f * row[i / 2][j] + 0.75f * row[i / 2 + 1][j]
+                                    : 0.75f * row[i / 2][j] + 0.25f * row[i / 2 + 1][j];
+                d[i * a + j] = inside ? value : (v16){0};
+            }
+        return;
+    }
     for (int i = 0; i < a; i++)
         for (int j = 0; j < a; j++) {
             int y = y0 + i, xx = x0 + j;
@@ -328,6 +353,140 @@ int flexunet_winograd_f43(const float *x, int cx, const float *skip, int cs, int
     static const struct winograd_kind f43 = {P, TILE, sizeof(float), transform_tile, micro_taps_n, output_tile};
     struct conv_in in = conv_input(x, cx, skip, cs, up, h, w, 0);
     return winograd(&in, n, h, w, (const char *)u, bias, (char *)out, cout, relu, threads, &f43);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Weight gradient of the 3x3 'same' convolution in Winograd F(4x4, 3x3) space, float32:
+ * dU[p] = sum over output tiles of V[p][tile]^T dM[p][tile], with V the input tiles gathered
+ * and transformed as in the forward pass (skip and upsampled x included) and dM the adjoint of
+ * the output transform applied to the 4x4 tiles of the output gradient. The caller maps dU
+ * back to the 3x3 taps (dW = G^T dU G).
+ *   x, skip  as for flexunet_winograd_f43 (float32)
+ *   g     (N, H, W, Cout) float32: the output gradient
+ *   du    (threads, 36, Cin6, Cout16)   one partial sum per thread, Cin6 = Cin rounded up to
+ *                                       a multiple of MR, Cout16 to 16; the caller sums them
+ */
+
+/* Rows of A applied to four vectors (the adjoint of output_1d). */
+static inline void output_adjoint_1d(const v16 g[4], v16 m[6]) {
+    v16 s02 = g[0] + g[2], s13 = g[1] + g[3], f02 = g[0] + 4.0f * g[2], f13 = 2.0f * g[1] + 8.0f * g[3];
+    m[0] = g[0];
+    m[1] = s02 + s13;
+    m[2] = s02 - s13;
+    m[3] = f02 + f13;
+    m[4] = f02 - f13;
+    m[5] = g[3];
+}
+
+/* dM[p][panel][r][0:64] for one tile of the gradient (top-left output pixel (y0, x0)). */
+static void gradient_tile(const float *g, int h, int w, int cout, int cout16, int y0, int x0, float *dm, int r,
+                          int rows, int panels) {
+    for (int c = 0; c < cout16; c += 16) {
+        int n = cout - c < 16 ? cout - c : 16;
+        v16 d[4][4], t[A][4];
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++)
+                d[i][j] = (y0 + i < h && x0 + j < w) ? load_f32_n((const char *)(g + ((size_t)(y0 + i) * w + x0 + j) * cout + c), n)
+                                                     : (v16){0};
+        for (int j = 0; j < 4; j++) { /* columns */
+            v16 col[4] = {d[0][j], d[1][j], d[2][j], d[3][j]}, res[A];
+            output_adjoint_1d(col, res);
+            for (int i = 0; i < A; i++) t[i][j] = res[i];
+        }
+        int panel = c / NR, lane = c % NR;
+        for (int i = 0; i < A; i++) { /* rows */
+            v16 res[A];
+            output_adjoint_1d(t[i], res);
+            for (int j = 0; j < A; j++)
+                store(dm + (((size_t)(i * A + j) * panels + panel) * rows + r) * NR + lane, res[j]);
+        }
+    }
+}
+
+/* c[MR][16 nv] += sum over kk < k of a[i * sa + kk * sk] b[kk][16 nv]: strided broadcasts of a. */
+static inline __attribute__((always_inline)) void micro_strided(const float *a, int sa, int sk, const float *b,
+                                                                int k, float *c, int ldc, const int nv) {
+    v16 acc[MR][4];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < nv; j++) acc[i][j] = (v16){0};
+    for (int kk = 0; kk < k; kk++) {
+        v16 bv[4];
+        for (int j = 0; j < nv; j++) bv[j] = load(b + (size_t)kk * NR + 16 * j);
+        for (int i = 0; i < MR; i++) {
+            float s = a[(size_t)i * sa + (size_t)kk * sk];
+            for (int j = 0; j < nv; j++) acc[i][j] += s * bv[j];
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < nv; j++) store(c + (size_t)i * ldc + 16 * j, load(c + (size_t)i * ldc + 16 * j) + acc[i][j]);
+}
+
+int flexunet_winograd_f43_weight_grad(const float *x, int cx, const float *skip, int cs, int up, const float *g,
+                                      int n, int h, int w, int cout, float *du, int threads) {
+    struct conv_in in = conv_input(x, cx, skip, cs, up, h, w, 0);
+    const int cin = in.cin;
+    if (n <= 0 || h <= 0 || w <= 0 || cin <= 0 || cout <= 0) return 1;
+    const int cout16 = ROUND16(cout), cin6 = (cin + MR - 1) / MR * MR, panels = (cout16 + NR - 1) / NR;
+    int th = (h + TILE - 1) / TILE, tw = (w + TILE - 1) / TILE;
+    long tiles = (long)n * th * tw;
+    /* Every block adds its products into this thread's dU (36 x Cin x Cout): the more tiles per
+     * block, the fewer passes over dU. Up to 16 MR rows, V and dM within about 4 MiB. */
+    long per_thread = (tiles + threads - 1) / threads;
+    int rows = (4 << 20) / (P * (int)sizeof(float) * (cin + cout16));
+    rows = rows / MR * MR;
+    if (rows > 16 * MR) rows = 16 * MR;
+    if (rows > per_thread) rows = (int)((per_thread + MR - 1) / MR * MR);
+    if (rows < MR) rows = MR;
+    long blocks = (tiles + rows - 1) / rows;
+    int failed = 0;
+    memset(du, 0, sizeof(float) * (size_t)threads * P * cin6 * cout16);
+#pragma omp parallel num_threads(threads)
+    {
+        /* V rows get MR floats of slack: the last block of input channels reads past Cin. */
+        float *v = aligned_alloc(64, sizeof(float) * ((size_t)P * rows * cin + MR + 16));
+        float *dm = aligned_alloc(64, sizeof(float) * (size_t)P * panels * rows * NR);
+        if (!v || !dm) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            memset(v, 0, sizeof(float) * ((size_t)P * rows * cin + MR + 16));
+            memset(dm, 0, sizeof(float) * (size_t)P * panels * rows * NR);
+        }
+#pragma omp barrier
+        float *mine = du + (size_t)omp_get_thread_num() * P * cin6 * cout16;
+        if (!failed) {
+#pragma omp for schedule(dynamic, 1)
+            for (long blk = 0; blk < blocks; blk++) {
+                long t0 = blk * rows;
+                int count = tiles - t0 < rows ? (int)(tiles - t0) : rows;
+                for (int r = 0; r < count; r++) {
+                    long t = t0 + r;
+                    long img = t / (th * tw);
+                    int rem = t % (th * tw), y0 = (rem / tw) * TILE, x0 = (rem % tw) * TILE;
+                    transform_tile(&in, img, h, w, y0 - 1, x0 - 1, v, r, rows);
+                    gradient_tile(g + (size_t)img * h * w * cout, h, w, cout, cout16, y0, x0, dm, r, rows, panels);
+                }
+                for (int p = 0; p < P; p++)
+                    for (int pn = 0; pn < panels; pn++) {
+                        int width = cout16 - pn * NR < NR ? cout16 - pn * NR : NR;
+                        const float *b = dm + ((size_t)p * panels + pn) * rows * NR;
+                        for (int c0 = 0; c0 < cin; c0 += MR) {
+                            const float *a = v + (size_t)p * rows * cin + c0;
+                            float *c = mine + ((size_t)p * cin6 + c0) * cout16 + pn * NR;
+                            switch (width / 16) {
+                            case 1: micro_strided(a, 1, cin, b, count, c, cout16, 1); break;
+                            case 2: micro_strided(a, 1, cin, b, count, c, cout16, 2); break;
+                            case 3: micro_strided(a, 1, cin, b, count, c, cout16, 3); break;
+                            default: micro_strided(a, 1, cin, b, count, c, cout16, 4); break;
+                            }
+                        }
+                    }
+            }
+        }
+        free(v);
+        free(dm);
+    }
+    return failed ? 2 : 0;
 }
 
 /* ------------------------------------------------------------------------------------------
