@@ -6,10 +6,15 @@ rotating which goes first every round, and reports medians as ratios against the
 
     python benchmarks/bench_profiles.py --rounds 5 --keras-python /path/to/tf/bin/python
 
-Rows per case: fp32 inference (target 1.5x), bf16 autocast inference against the peer's fp32 (2.5x)
-and an Adam training step in fp32, MSE on the output (1.3x). Peers: sleap-nn's UNet with the same
-layout (`peers.py`; `pip install --no-deps sleap-nn omegaconf antlr4-python3-runtime pyyaml loguru`),
-and SLEAP's original layout in tf-keras (`keras_peer.py`; an interpreter with `tensorflow` and
+Rows per case: fp32 inference (target 1.5x), bf16 autocast inference against the peer's fp32 (2.5x;
+its largest difference to flexunet's fp32 output, as a fraction of the output's range, is printed
+too), an Adam training step in fp32, MSE on the output (1.3x), and the same step under bf16 autocast
+(against the peer's fp32, no target). GFLOP/s count the direct convolutions (training: 3x the
+forward) against a matrix-product roofline measured in the same run. Two more checks: time per
+megapixel of fp32 inference at 1024x1024 within 20% of that at 256x256 (same pixels per call), and
+flexunet on two threads never slower than on one. Peers: sleap-nn's UNet with the same layout
+(`peers.py`; `pip install --no-deps sleap-nn omegaconf antlr4-python3-runtime pyyaml loguru`), and
+SLEAP's original layout in tf-keras (`keras_peer.py`; an interpreter with `tensorflow` and
 `tf-keras`, given by `--keras-python`).
 """
 
@@ -23,9 +28,10 @@ import subprocess
 import sys
 import time
 
-# name -> (UNet layout as SLEAP's profile gives it, input (batch, side, channels)).
-# From SLEAP's sleap/training_profiles and sleap-nn's docs/sample_configs; input sizes are the
-# ones these models see: instance crops for top-down, scaled full frames otherwise.
+# name -> (UNet layout as the profile gives it, input (batch, side, channels)). From SLEAP's
+# sleap/training_profiles/baseline*.json and sleap-nn's docs/sample_configs/*unet*.yaml (layouts
+# that repeat another case's are left out); inputs are what these models see: instance crops at
+# batch 16-32 for top-down, (scaled) full frames at batch 2-4 otherwise.
 CASES = {
     "baseline.centroid (full frame 1024, scale 0.5)": (
         dict(filters=16, filters_rate=2, max_stride=16, output_stride=2), (2, 512, 1)),
@@ -35,12 +41,26 @@ CASES = {
         dict(filters=24, filters_rate=1.5, max_stride=32, output_stride=4), (16, 192, 1)),
     "baseline_medium_rf.bottomup (full frame 512)": (
         dict(filters=16, filters_rate=2, max_stride=32, output_stride=4), (2, 512, 1)),
+    "baseline_large_rf.bottomup (full frame 512)": (
+        dict(filters=32, filters_rate=1.5, max_stride=64, output_stride=4), (2, 512, 1)),
+    "baseline_medium_rf.single (full frame 512)": (
+        dict(filters=16, filters_rate=2, max_stride=16, output_stride=4), (2, 512, 1)),
+    "baseline_large_rf.single (full frame 384)": (
+        dict(filters=32, filters_rate=1.5, max_stride=32, output_stride=4), (4, 384, 1)),
     "sleap-nn config_centroid_unet (scale 0.5 of 768)": (
         dict(filters=16, filters_rate=2, max_stride=16, output_stride=2), (4, 384, 1)),
+    "sleap-nn config_topdown_centered_instance_unet (crops 128)": (
+        dict(filters=16, filters_rate=1.5, max_stride=8, output_stride=2), (32, 128, 1)),
+    "sleap-nn config_bottomup_unet (full frame 512)": (
+        dict(filters=16, filters_rate=1.5, max_stride=8, output_stride=2), (2, 512, 1)),
 }
-MODES = ("inference fp32", "inference bf16", "training fp32")
-TARGETS = {"inference fp32": 1.5, "inference bf16": 2.5, "training fp32": 1.3}
-PEER_MODES = ("inference fp32", "training fp32")  # peers are compared in fp32
+MODES = ("inference fp32", "inference bf16", "training fp32", "training bf16")
+TARGETS = {"inference fp32": 1.5, "inference bf16": 2.5, "training fp32": 1.3}  # training bf16: reported only
+PEER_MODE = {"inference fp32": "inference fp32", "inference bf16": "inference fp32",
+             "training fp32": "training fp32", "training bf16": "training fp32"}  # peers run fp32
+THREAD_MODES = ("inference fp32", "inference bf16", "training fp32")  # two threads never slower than one
+SCALING = ((16, 256), (1, 1024))  # (batch, side): the same pixels per call, fp32 inference
+SCALING_LIMIT = 1.2
 
 
 # ----------------------------------------------------------------------------- worker
@@ -71,8 +91,24 @@ def _build(system: str, layout: dict, channels: int):
     return wrapped
 
 
+def _roofline(dtype, size: int = 4096, repeats: int = 3) -> float:
+    """GFLOP/s of a large square matrix product: the machine's practical peak for `dtype`."""
+    import torch
+
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
 def worker(system: str, threads: int) -> None:
-    """Answer `case<TAB>mode` lines on stdin with the seconds of one timed call."""
+    """Answer `case<TAB>request` lines on stdin with one number: the seconds of one timed call of a
+    mode (`MODES`) or of `scale BATCH SIDE` (fp32 inference at that size); or, from flexunet, the
+    model's `flops` per call, the `bf16 error` of its autocast output, and `roofline fp32|bf16`."""
     if system == "keras":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from keras_peer import worker as keras_worker
@@ -85,7 +121,10 @@ def worker(system: str, threads: int) -> None:
     torch.manual_seed(0)
     current, warm = None, set()
     for line in sys.stdin:
-        case, mode = line.rstrip("\n").split("\t")
+        case, request = line.rstrip("\n").split("\t")
+        if case == "roofline":
+            print(_roofline(torch.float32 if request == "fp32" else torch.bfloat16), flush=True)
+            continue
         layout, (batch, side, channels) = CASES[case]
         if current != case:  # one case at a time: build it, drop the previous one
             model = _build(system, layout, channels)
@@ -94,21 +133,39 @@ def worker(system: str, threads: int) -> None:
                 target = torch.rand_like(model.eval()(x))
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
             current = case
+        if request == "flops":
+            import flexunet
+
+            print(flexunet.summarize(model, (side, side, channels)).flops * batch, flush=True)
+            continue
+        if request == "bf16 error":
+            with torch.inference_mode():
+                full = model.eval()(x)
+                with torch.autocast("cpu", torch.bfloat16):
+                    low = model(x).float()
+            print(float((low - full).abs().max() / (full.max() - full.min())), flush=True)
+            continue
+        inputs = x
+        if request.startswith("scale"):
+            n, s = map(int, request.split()[1:])
+            inputs = torch.rand(n, channels, s, s)
 
         def run():
-            if mode == "training fp32":
+            if request.startswith("training"):
                 model.train()
                 optimizer.zero_grad(set_to_none=True)
-                torch.nn.functional.mse_loss(model(x), target).backward()
+                with torch.autocast("cpu", torch.bfloat16, enabled=request == "training bf16"):
+                    loss = torch.nn.functional.mse_loss(model(inputs).float(), target)
+                loss.backward()
                 optimizer.step()
                 return
             model.eval()
-            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=mode == "inference bf16"):
-                model(x)
+            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=request == "inference bf16"):
+                model(inputs)
 
-        if (case, mode) not in warm:  # the first call fills caches and allocator pools
+        if (case, request) not in warm:  # the first call fills caches and allocator pools
             run()
-            warm.add((case, mode))
+            warm.add((case, request))
         start = time.perf_counter()
         run()
         print(time.perf_counter() - start, flush=True)
@@ -136,6 +193,16 @@ class Worker:
         self.process.wait()
 
 
+def _interleaved(workers: dict, case: str, request: str, rounds: int) -> dict:
+    """Median seconds per worker of `rounds` calls, rotating which worker goes first."""
+    names = list(workers)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(workers[name].time(case, request))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per system and row (default 5)")
@@ -143,47 +210,87 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--keras-python", default=None,
                         help="a Python with tensorflow and tf-keras for the Keras peer (default: no Keras peer)")
+    parser.add_argument("--cases", default=None, help="only the cases whose name contains this text")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.threads)
         return 0
+    cases = [c for c in CASES if args.cases is None or args.cases in c]
     systems = {name: Worker(name, args.threads) for name in ("flexunet", "sleap-nn")}
     if args.keras_python:
         systems["keras"] = Worker("keras", args.threads, args.keras_python)
+    one_thread = Worker("flexunet", 1)
     peers = [name for name in systems if name != "flexunet"]
-    results = {}
+    results, scaling, threads = {}, {}, {}
     try:
-        for case in CASES:
+        flexunet = systems["flexunet"]
+        roofline = {dtype: flexunet.time("roofline", dtype) for dtype in ("fp32", "bf16")}
+        for case in cases:
+            rows = results[case] = {"gflop": flexunet.time(case, "flops") / 1e9}
             for mode in MODES:
-                names = [n for n in systems if n == "flexunet" or mode in PEER_MODES]
-                times = {name: [] for name in names}
-                for r in range(args.rounds):
-                    for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
-                        times[name].append(systems[name].time(case, mode))
-                results.setdefault(case, {})[mode] = {name: statistics.median(t) for name, t in times.items()}
+                names = [n for n in systems if n == "flexunet" or mode == PEER_MODE[mode]]
+                rows[mode] = _interleaved({n: systems[n] for n in names}, case, mode, args.rounds)
+            rows["bf16 error"] = flexunet.time(case, "bf16 error")
+            scaling[case] = {f"{n}x{s}": _interleaved({"flexunet": flexunet}, case, f"scale {n} {s}", args.rounds)
+                             ["flexunet"] / (n * s * s / 1e6) for n, s in SCALING}
+            threads[case] = {mode: _interleaved({"1": one_thread, "2": flexunet}, case, mode, args.rounds)
+                             for mode in THREAD_MODES}
     finally:
-        for w in systems.values():
+        for w in [*systems.values(), one_thread]:
             w.close()
-    header = f"{'case':50} {'row':15} {'flexunet':>9} " + " ".join(f"{p:>9}" for p in peers) + "  speed-up target"
+    short = _report(results, scaling, threads, peers, roofline)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"threads": args.threads, "rounds": args.rounds, "peers": peers, "roofline_gflops": roofline,
+                       "cases": results, "seconds_per_megapixel": scaling, "one_vs_two_threads": threads,
+                       "short": short}, f, indent=2)
+    return 0
+
+
+def _report(results: dict, scaling: dict, threads: dict, peers: list, roofline: dict) -> list:
+    """Print the three tables; return the rows that miss their targets."""
+    short = []
+    print(f"roofline (4096^3 matrix product): fp32 {roofline['fp32']:.0f} GFLOP/s, bf16 {roofline['bf16']:.0f} GFLOP/s")
+    header = (f"{'case':58} {'row':15} {'flexunet':>9} " + " ".join(f"{p:>9}" for p in peers)
+              + "  speed-up target  GFLOP/s roofline")
     print(header)
     print("-" * len(header))
     for case, rows in results.items():
         for mode in MODES:
             ours = rows[mode]["flexunet"]
-            peer_mode = "inference fp32" if mode == "inference bf16" else mode  # bf16 against the peers' fp32
-            faster = min(rows[peer_mode][p] for p in peers)
-            ratio = faster / ours
+            peer_rows = rows[PEER_MODE[mode]]
+            ratio = min(peer_rows[p] for p in peers) / ours
             rows[mode]["speed_up"] = ratio
-            cells = " ".join(f"{rows[peer_mode][p]:8.3f}s" for p in peers)
-            mark = "" if ratio >= TARGETS[mode] else "  short"
-            print(f"{case:50} {mode:15} {ours:8.3f}s {cells}  {ratio:6.2f}x {TARGETS[mode]:5.1f}x{mark}")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "rounds": args.rounds, "peers": peers, "cases": results}, f,
-                      indent=2)
-    return 0
+            gflops = rows["gflop"] * (3 if mode.startswith("training") else 1) / ours
+            fraction = gflops / roofline["bf16" if mode.endswith("bf16") else "fp32"]
+            target = TARGETS.get(mode)
+            missed = target is not None and ratio < target
+            if missed:
+                short.append(f"{case}: {mode} {ratio:.2f}x < {target}x")
+            cells = " ".join(f"{peer_rows[p]:8.3f}s" for p in peers)
+            note = f"  error {rows['bf16 error']:.2%}" if mode == "inference bf16" else ""
+            print(f"{case:58} {mode:15} {ours:8.3f}s {cells}  {ratio:6.2f}x "
+                  f"{'' if target is None else f'{target:.1f}x':>6} {gflops:8.0f} {fraction:8.0%}"
+                  f"{'  short' if missed else ''}{note}")
+    print("\nseconds per megapixel, fp32 inference (1024x1024 within 20% of 256x256):")
+    for case, row in scaling.items():
+        (small, a), (large, b) = row.items()
+        ok = b <= SCALING_LIMIT * a
+        if not ok:
+            short.append(f"{case}: {large} {b:.3f} s/MP > {SCALING_LIMIT} x {small} {a:.3f} s/MP")
+        print(f"{case:58} {small} {a:.3f}  {large} {b:.3f}  ratio {b / a:.2f}{'' if ok else '  short'}")
+    print("\none thread vs two (two never slower):")
+    for case, rows in threads.items():
+        for mode, t in rows.items():
+            ok = t["2"] <= t["1"]
+            if not ok:
+                short.append(f"{case}: {mode} two threads {t['2']:.3f}s > one {t['1']:.3f}s")
+            print(f"{case:58} {mode:15} 1: {t['1']:.3f}s  2: {t['2']:.3f}s  speed-up {t['1'] / t['2']:.2f}x"
+                  f"{'' if ok else '  short'}")
+    print(f"\n{len(short)} short" + "".join(f"\n  {line}" for line in short))
+    return short
 
 
 if __name__ == "__main__":
