@@ -199,3 +199,45 @@ def test_invalid_specs_name_the_field(cls, kwargs, error, field):
 def test_unknown_spec_key_suggests_the_closest():
     with pytest.raises(ValueError, match="did you mean 'filters'"):
         spec_from_dict({"type": "SimpleConvBlock", "filter": 3})
+
+
+@pytest.mark.parametrize("interp,activation,batch_norm", [
+    ("bilinear", "relu", False), ("nearest", "relu", False), ("bilinear", "tanh", False), ("bilinear", "relu", True),
+])
+def test_decoder_joins_upsampling_concatenation_and_first_conv_in_one_call(interp, activation, batch_norm):
+    """interp -> concat -> conv is one `Conv2dSame(x, skip, upsample)` call, equal to the three steps, gradients too."""
+    torch.manual_seed(0)
+    spec = SimpleUpsamplingBlock(skip_connection=True, interp_method=interp, refine_convs=2, refine_convs_filters=24,
+                                 refine_convs_activation=activation, refine_convs_batch_norm=batch_norm)
+    block = spec.make_block(36, "dec0", skip_channels=24).eval()
+    assert block.fused_mode == interp
+    x, skip = torch.randn(2, 36, 10, 12), torch.randn(2, 24, 20, 24)
+
+    def stepwise(x, skip):
+        up = torch.nn.functional.interpolate(x, scale_factor=2, mode=interp,
+                                             **({"align_corners": False} if interp == "bilinear" else {}))
+        y = torch.cat([skip, up], 1)
+        for key in block._refine:
+            y = getattr(block, key)(y)
+        return y
+
+    with torch.no_grad():
+        got, want = block(x, skip), stepwise(x, skip)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+    block.train()
+    leaves = [x.clone().requires_grad_(), skip.clone().requires_grad_()]
+    block(*leaves).square().sum().backward()
+    fused_grads = [t.grad for t in leaves] + [block.refine_conv0.weight.grad.clone()]
+    block.zero_grad()
+    again = [x.clone().requires_grad_(), skip.clone().requires_grad_()]
+    stepwise(*again).square().sum().backward()
+    for mine, theirs in zip(fused_grads, [t.grad for t in again] + [block.refine_conv0.weight.grad]):
+        assert float((mine - theirs).abs().max() / theirs.abs().max()) < 1e-4
+
+
+def test_conv_applies_its_own_activation_like_keras():
+    block = SimpleConvBlock(pool=False, num_convs=1, filters=4, activation="tanh").make_block(2)
+    x = torch.randn(1, 2, 5, 5)
+    plain = torch.nn.functional.conv2d(x, block.conv0.weight, block.conv0.bias, padding=1)
+    torch.testing.assert_close(block(x), torch.tanh(plain))
+    assert block.conv0.activation == "tanh" and "activation='tanh'" in repr(block.conv0)

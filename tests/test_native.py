@@ -125,7 +125,12 @@ def test_bfloat16_autocast_uses_the_native_kernel(monkeypatch):
     x = torch.rand(2, 1, 40, 40)
     dtypes = []
     original = native.winograd_conv3x3
-    monkeypatch.setattr(native, "winograd_conv3x3", lambda x, k, *a, **kw: dtypes.append(k.dtype) or original(x, k, *a, **kw))
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        dtypes.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(native, "winograd_conv3x3", recording)
     with torch.inference_mode():
         ref = model(x)
         dtypes.clear()
@@ -158,6 +163,22 @@ def test_native_winograd_rejects_what_it_cannot_take():
     skip = torch.zeros(1, 16, 6, 6)
     with pytest.raises(ValueError, match="matching source sizes"):  # x upsampled is 8x8, the skip 6x6
         native.winograd_conv3x3(torch.zeros(1, 16, 4, 4), packed, None, 16, skip=skip, upsample="bilinear")
+
+
+@pytest.mark.parametrize("cs,cx,cout,upsample", [(0, 16, 16, None), (0, 24, 7, None), (16, 8, 24, "bilinear")])
+def test_narrow_bfloat16_layers_run_float32_winograd_on_bfloat16_data(cs, cx, cout, upsample):
+    if not native.has_bfloat16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    torch.manual_seed(cx)
+    factor = 2 if upsample else 1
+    x = torch.randn(2, cx, 10 // factor, 14 // factor).bfloat16()
+    skip = torch.randn(2, cs, 10, 14).bfloat16() if cs else None
+    weight, bias = torch.randn(cout, cs + cx, 3, 3), torch.randn(cout)
+    y = native.winograd_conv3x3(x, native.transform_kernel(weight), bias, cout, relu=True, skip=skip,
+                                upsample=upsample, io_dtype=torch.bfloat16)
+    ref = torch.relu(_reference(x, weight, bias, skip, upsample))
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-2
 
 
 def test_unet_uses_the_native_kernel_by_default(monkeypatch):
@@ -243,3 +264,33 @@ def test_transposed_layer_uses_the_native_kernel_and_refreshes_its_cache():
         layer.weight.mul_(-1)
         again = layer(x)
     torch.testing.assert_close(again, fastconv.transposed_conv(x, layer.weight, layer.bias, 2), atol=1e-5, rtol=1e-5)
+
+
+# (batch, skip channels or 0, x channels, output channels, output H, W, upsampling)
+WEIGHT_GRADS = [
+    (2, 0, 24, 24, 13, 6, None),  # partial tiles, channels not multiples of 16
+    (1, 0, 135, 54, 10, 7, None),  # more input channels than a register block
+    (2, 0, 5, 70, 9, 9, None),  # two output panels
+    (2, 24, 36, 24, 12, 8, "bilinear"),  # a decoder's joined input
+    (1, 16, 16, 40, 8, 10, "nearest"),
+]
+
+
+@pytest.mark.parametrize("n,cs,cx,cout,h,w,upsample", WEIGHT_GRADS)
+def test_native_weight_gradient_matches_the_direct_one(n, cs, cx, cout, h, w, upsample):
+    torch.manual_seed(cx + cout)
+    factor = 2 if upsample else 1
+    x = torch.randn(n, cx, h // factor, w // factor)
+    skip = torch.randn(n, cs, h, w) if cs else None
+    grad = torch.randn(n, cout, h, w)
+    got = native.winograd_weight_grad(x, grad, skip, upsample)
+    joined = x.double()
+    if upsample:
+        joined = F.interpolate(joined, scale_factor=2, mode=upsample,
+                               **({"align_corners": False} if upsample == "bilinear" else {}))
+    if skip is not None:
+        joined = torch.cat([skip.double(), joined], 1)
+    want = torch.ops.aten.convolution_backward(grad.double(), joined, torch.zeros(cout, cs + cx, 3, 3, dtype=torch.float64),
+                                               None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])[1]
+    assert got.shape == want.shape
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 2e-5

@@ -74,6 +74,28 @@ def test_fused_conv3x3_and_its_gradients_equal_upsample_concat_conv_relu(cx, cs,
         assert float((mine.grad.double() - theirs.grad).abs().max() / theirs.grad.abs().max()) < 1e-4
 
 
+@pytest.mark.parametrize("cx,cs,cout,upsample", [(24, 0, 20, "none"), (16, 12, 8, "bilinear"), (5, 3, 7, "nearest")])
+def test_weight_gradient_passes_pytorchs_operator_checks(cx, cs, cout, upsample):
+    factor = 1 if upsample == "none" else 2
+    x, grad = torch.randn(2, cx, 6, 5), torch.randn(2, cout, 6 * factor, 5 * factor)
+    skip = torch.randn(2, cs, 6 * factor, 5 * factor) if cs else None
+    torch.library.opcheck(torch.ops.flexunet.conv3x3_weight_grad.default, (x, grad, skip, upsample))
+
+
+@pytest.mark.parametrize("shape,cin,cout,grad,uses_operator", [
+    ((2, 16, 32, 32), 16, 16, False, True),  # inference: always
+    ((2, 16, 32, 32), 16, 16, True, True),  # training: 16 channels, 128 tiles
+    ((2, 3, 32, 32), 3, 16, True, False),  # an image's channels: oneDNN
+    ((1, 64, 12, 12), 64, 64, True, False),  # 9 tiles: oneDNN
+    ((1, 64, 12, 12), 64, 64, False, True),
+])
+def test_training_runs_on_the_operator_from_16_channels_and_64_tiles(shape, cin, cout, grad, uses_operator):
+    x = torch.rand(*shape, requires_grad=grad)
+    weight = torch.rand(cout, cin, 3, 3, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        assert (kernels.conv3x3(x, weight, None) is not None) == uses_operator
+
+
 def test_conv3x3_gradients_equal_the_plain_convolutions():
     """Training on the operator (enough tiles): the same gradients as F.conv2d, to float32 rounding."""
     torch.manual_seed(0)

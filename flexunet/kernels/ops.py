@@ -40,6 +40,12 @@ TORCH_WINOGRAD_MIN_CHANNELS = 256
 # 512->512 @16x16 (32 tiles) 26 vs 14 ms, 182->182 @6x6 batch 16 (64 tiles) 3.0 vs 1.8 ms,
 # 16->16 @512x512 batch 2 13.9 vs 11.9 ms.
 NATIVE_WEIGHT_GRAD_MIN_TILES = 128
+# In bfloat16, layers of at most this many input and output channels run F(4x4, 3x3) in float32 on
+# bfloat16 data: their transforms cost more than their products, and F(2x2, 3x3) (bfloat16 products)
+# needs 16 of them per 4 pixels where F(4x4, 3x3) needs 36 per 16. Measured, 2 threads, float32-F(4x4)
+# vs bfloat16-F(2x2): 16->16 @512x512 batch 2 7.7 vs 10.4 ms, 24->24 @192x192 batch 16 24.9 vs 25.4 ms;
+# but 32->32 @256x256 6.8 vs 6.1 ms.
+NARROW_BF16_CHANNELS = 24
 NATIVE_WEIGHT_GRAD_MAX_NARROW = 16
 CHANNELS_LAST = torch.channels_last
 
@@ -126,8 +132,12 @@ def _conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
         if skip is None and upsample == "none" and cin <= native.DIRECT_MAX_CHANNELS:
             packed = _derived(weight, ("direct",), lambda: native.pack_direct(weight), cache)
             return native.direct_conv3x3(x, packed, bias, cout, relu, dtype)
-        packed = _derived(weight, ("winograd", dtype), lambda: native.transform_kernel(weight, dtype), cache)
-        return native.winograd_conv3x3(x, packed, bias, cout, relu, skip, None if upsample == "none" else upsample)
+        # Narrow bfloat16 layers compute F(4x4, 3x3) in float32 on bfloat16 data (see NARROW_BF16_CHANNELS).
+        kernel_dtype = torch.float32 if dtype == torch.bfloat16 and max(cin, cout) <= NARROW_BF16_CHANNELS else dtype
+        packed = _derived(weight, ("winograd", kernel_dtype), lambda: native.transform_kernel(weight, kernel_dtype),
+                          cache)
+        return native.winograd_conv3x3(x, packed, bias, cout, relu, skip, None if upsample == "none" else upsample,
+                                       io_dtype=dtype)
     x = _upsampled_input(x.to(dtype), skip, upsample).contiguous(memory_format=CHANNELS_LAST)
     if min(cin, cout) >= TORCH_WINOGRAD_MIN_CHANNELS:
         tile = fastconv.winograd_tile(dtype)
@@ -155,8 +165,8 @@ def _conv3x3_setup(ctx, inputs, output):
 
 def _conv3x3_backward(ctx, grad):
     x, weight, skip, output = ctx.saved_tensors
-    if output is not None:  # through the fused ReLU
-        grad = torch.where(output > 0, grad, 0)
+    if output is not None:  # through the fused ReLU: one pass, as ReLU's own backward
+        grad = torch.ops.aten.threshold_backward(grad, output, 0)
     grad = grad.contiguous(memory_format=CHANNELS_LAST)
     grad_x = grad_w = grad_b = grad_skip = None
     need_x, need_skip = ctx.needs_input_grad[0], skip is not None and ctx.needs_input_grad[6]

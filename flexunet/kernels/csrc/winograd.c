@@ -2,6 +2,7 @@
  *
  *   flexunet_winograd_f43        3x3 'same' convolution, Winograd F(4x4, 3x3), float32
  *   flexunet_winograd_f23_bf16   the same with F(2x2, 3x3) and bfloat16 dot products (AVX512-BF16)
+ *   flexunet_winograd_f43_bf16io F(4x4, 3x3) in float32 on bfloat16 input and output (narrow layers)
  *   flexunet_direct3x3           3x3 'same' convolution for few input channels (an image's 1-4)
  *   flexunet_transposed_k3s2     transposed convolution, kernel 3, stride 2, TensorFlow 'same'
  *   flexunet_transposed_k3s2_bf16
@@ -170,16 +171,18 @@ static inline void output_1d(const v16 m[6], v16 o[4]) {
     o[3] = d12 + 8.0f * d34 + m[5];
 }
 
-/* V[p][r][0:cin] for one tile whose top-left input pixel is (y0, x0) (may be -1). */
-static void transform_tile(const struct conv_in *in, long img, int h, int w, int y0, int x0, void *vv, int r,
-                           int rows) {
+/* V[p][r][0:cin] (float32) for one tile whose top-left input pixel is (y0, x0) (may be -1), from
+ * sources of `size`-byte elements read by `ld`. */
+static inline __attribute__((always_inline)) void transform_tile_from(const struct conv_in *in, long img, int h,
+                                                                      int w, int y0, int x0, void *vv, int r,
+                                                                      int rows, size_t size, load_fn ld) {
     float *v = vv;
     int vc = 0;
     for (int s = 0; s < in->count; s++)
         for (int c = 0; c < in->src[s].channels; c += 16) {
             int n = in->src[s].channels - c < 16 ? in->src[s].channels - c : 16;
             v16 d[A][A], t[A][A];
-            gather(&in->src[s], sizeof(float), load_f32_n, A, img, h, w, y0, x0, c, n, &d[0][0]);
+            gather(&in->src[s], size, ld, A, img, h, w, y0, x0, c, n, &d[0][0]);
             for (int j = 0; j < A; j++) { /* columns */
                 v16 col[A], res[A];
                 for (int i = 0; i < A; i++) col[i] = d[i][j];
@@ -195,9 +198,15 @@ static void transform_tile(const struct conv_in *in, long img, int h, int w, int
         }
 }
 
-/* c[MR][16 nv] = sum over taps t of a[t][MR rows, stride k][0:k] @ b[t][0:k][16 nv], nv = 1..4 vectors. */
+static void transform_tile(const struct conv_in *in, long img, int h, int w, int y0, int x0, void *v, int r,
+                           int rows) {
+    transform_tile_from(in, img, h, w, y0, x0, v, r, rows, sizeof(float), load_f32_n);
+}
+
+/* c[MR][16 nv] (rows ldc apart) = sum over taps t of a[t][MR rows, stride k][0:k] @ b[t][0:k][16 nv],
+ * nv = 1..4 vectors. */
 static inline __attribute__((always_inline)) void micro_taps(const float *const *a, const float *const *b,
-                                                             int ntaps, int k, float *c, const int nv) {
+                                                             int ntaps, int k, float *c, int ldc, const int nv) {
     v16 acc[MR][4];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < nv; j++) acc[i][j] = (v16){0};
@@ -214,42 +223,49 @@ static inline __attribute__((always_inline)) void micro_taps(const float *const 
         }
     }
     for (int i = 0; i < MR; i++)
-        for (int j = 0; j < nv; j++) store(c + i * NR + 16 * j, acc[i][j]);
+        for (int j = 0; j < nv; j++) store(c + i * ldc + 16 * j, acc[i][j]);
 }
 
-static void micro_taps_n(const void *const *a, const void *const *b, int ntaps, int k, float *c, int nv) {
+static void micro_taps_n(const void *const *a, const void *const *b, int ntaps, int k, float *c, int ldc, int nv) {
     const float *const *fa = (const float *const *)a, *const *fb = (const float *const *)b;
     switch (nv) {
-    case 1: micro_taps(fa, fb, ntaps, k, c, 1); break;
-    case 2: micro_taps(fa, fb, ntaps, k, c, 2); break;
-    case 3: micro_taps(fa, fb, ntaps, k, c, 3); break;
-    default: micro_taps(fa, fb, ntaps, k, c, 4); break;
+    case 1: micro_taps(fa, fb, ntaps, k, c, ldc, 1); break;
+    case 2: micro_taps(fa, fb, ntaps, k, c, ldc, 2); break;
+    case 3: micro_taps(fa, fb, ntaps, k, c, ldc, 3); break;
+    default: micro_taps(fa, fb, ntaps, k, c, ldc, 4); break;
     }
 }
 
-typedef void (*taps_fn)(const void *const *a, const void *const *b, int ntaps, int k, float *c, int nv);
+typedef void (*taps_fn)(const void *const *a, const void *const *b, int ntaps, int k, float *c, int ldc, int nv);
 typedef void (*tile_in_fn)(const struct conv_in *in, long img, int h, int w, int y0, int x0, void *v, int r,
                            int rows);
-typedef void (*tile_out_fn)(const float *m, int rows, int r, int j, int n, const float *bias, int relu, void *out,
-                            int h, int w, int cout, int y0, int x0, int col0);
+typedef void (*tile_out_fn)(const float *m, int ldm, int rows, int r, int j, int n, const float *bias, int relu,
+                            void *out, int h, int w, int cout, int y0, int x0, int col0);
 
 /* One Winograd algorithm: positions per tile, output tile size, element size and its three steps. */
 struct winograd_kind {
     int positions, tile;
-    size_t size;
+    size_t size, out_size; /* bytes per element of V and U, and of the output */
     tile_in_fn in;
     taps_fn micro;
     tile_out_fn out;
 };
 
-/* Output tile from M[p][r][0:NR] for the 16-channel slice `j` (its first n channels): bias, ReLU, store. */
-static void output_tile(const float *m, int rows, int r, int j, int n, const float *bias, int relu,
-                        void *outv, int h, int w, int cout, int y0, int x0, int col0) {
-    float *out = outv;
+typedef void (*store_fn)(char *p, v16 v, int n);
+
+static inline void store_f32_bytes(char *p, v16 v, int n) { store_f32_n((float *)p, v, n); }
+
+/* Output tile from M[p][r][0:ldm] for the 16-channel slice `j` (its first n channels): bias, ReLU,
+ * and `st` stores it as elements of `size` bytes. */
+static inline __attribute__((always_inline)) void output_tile_to(const float *m, int ldm, int rows, int r, int j,
+                                                                 int n, const float *bias, int relu, void *outv,
+                                                                 int h, int w, int cout, int y0, int x0, int col0,
+                                                                 size_t size, store_fn st) {
+    char *out = outv;
     v16 t[4][A], o[4][4];
     for (int jj = 0; jj < A; jj++) { /* columns of the 6x6 product */
         v16 col[A], res[4];
-        for (int i = 0; i < A; i++) col[i] = load(m + ((size_t)(i * A + jj) * rows + r) * NR + 16 * j);
+        for (int i = 0; i < A; i++) col[i] = load(m + ((size_t)(i * A + jj) * rows + r) * ldm + 16 * j);
         output_1d(col, res);
         for (int i = 0; i < 4; i++) t[i][jj] = res[i];
     }
@@ -257,7 +273,12 @@ static void output_tile(const float *m, int rows, int r, int j, int n, const flo
     v16 b = bias ? load(bias + col0 + 16 * j) : (v16){0};
     for (int i = 0; i < 4 && y0 + i < h; i++)
         for (int jj = 0; jj < 4 && x0 + jj < w; jj++)
-            store_f32_n(out + ((size_t)(y0 + i) * w + x0 + jj) * cout + col0 + 16 * j, finish(o[i][jj], b, relu), n);
+            st(out + size * (((size_t)(y0 + i) * w + x0 + jj) * cout + col0 + 16 * j), finish(o[i][jj], b, relu), n);
+}
+
+static void output_tile(const float *m, int ldm, int rows, int r, int j, int n, const float *bias, int relu,
+                        void *out, int h, int w, int cout, int y0, int x0, int col0) {
+    output_tile_to(m, ldm, rows, r, j, n, bias, relu, out, h, w, cout, y0, x0, col0, sizeof(float), store_f32_bytes);
 }
 
 static int block_rows(int cin, int positions, size_t size) {
@@ -313,10 +334,10 @@ static int winograd(const struct conv_in *in, int n, int h, int w, const char *u
                     for (int p = 0; p < np; p++) {
                         const char *up = u + size * ((size_t)p * cin * cout16 + (size_t)pn * cin * NR);
                         const char *vp = v + size * p * rows * cin;
-                        float *mp = m + (size_t)p * rows * NR;
+                        float *mp = m + (size_t)p * rows * width; /* M rows as wide as the panel */
                         for (int r = 0; r < used; r += MR)
                             kind->micro((const void *[]){vp + size * r * cin}, (const void *[]){up}, 1, cin,
-                                        mp + (size_t)r * NR, width / 16);
+                                        mp + (size_t)r * width, width, width / 16);
                     }
                     for (int r = 0; r < count; r++) {
                         long t = t0 + r;
@@ -324,7 +345,8 @@ static int winograd(const struct conv_in *in, int n, int h, int w, const char *u
                         int rem = t % (th * tw);
                         for (int j = 0; j < width / 16; j++) {
                             int first = pn * NR + 16 * j, valid = cout - first < 16 ? cout - first : 16;
-                            kind->out(m, rows, r, j, valid, bias, relu, out + size * img * h * w * cout, h, w, cout,
+                            kind->out(m, width, rows, r, j, valid, bias, relu,
+                                      out + kind->out_size * img * h * w * cout, h, w, cout,
                                       (rem / tw) * tile, (rem % tw) * tile, pn * NR);
                         }
                     }
@@ -350,7 +372,8 @@ static struct conv_in conv_input(const void *x, int cx, const void *skip, int cs
 
 int flexunet_winograd_f43(const float *x, int cx, const float *skip, int cs, int up, int n, int h, int w,
                           const float *u, const float *bias, float *out, int cout, int relu, int threads) {
-    static const struct winograd_kind f43 = {P, TILE, sizeof(float), transform_tile, micro_taps_n, output_tile};
+    static const struct winograd_kind f43 = {P, TILE, sizeof(float), sizeof(float), transform_tile, micro_taps_n,
+                                              output_tile};
     struct conv_in in = conv_input(x, cx, skip, cs, up, h, w, 0);
     return winograd(&in, n, h, w, (const char *)u, bias, (char *)out, cout, relu, threads, &f43);
 }
@@ -519,7 +542,7 @@ int flexunet_direct3x3(const float *xp, int n, int h, int w, int cin, const floa
                 a[t] = xp + (((size_t)img * (h + 2) + y + t / 3) * wp + x0 + t % 3) * cin;
                 b[t] = u + (size_t)t * cin * cout16 + (size_t)pn * cin * NR;
             }
-            micro_taps_n(a, b, 9, cin, c, width / 16);
+            micro_taps_n(a, b, 9, cin, c, NR, width / 16);
             for (int r = 0; r < valid; r++)
                 for (int j = 0; j < width / 16; j++) {
                     int first = pn * NR + 16 * j, count = cout - first < 16 ? cout - first : 16;
@@ -577,7 +600,7 @@ static int transposed_k3s2(const char *xp, int n, int h, int w, int cin, const c
                             b[ntaps] = u + size * ((size_t)(ty * 3 + tx) * cin * cout + (size_t)pn * cin * NR);
                             ntaps++;
                         }
-                    micro(a, b, ntaps, cin, c, width / 16);
+                    micro(a, b, ntaps, cin, c, NR, width / 16);
                     for (int r = 0; r < valid; r++) {
                         size_t o = (((size_t)img * 2 * h + 2 * j + ph) * 2 * w + 2 * (i0 + r) + pw) * cout + pn * NR;
                         row(out + size * o, c + r * NR, bias ? bias + pn * NR : NULL, width);
@@ -646,7 +669,7 @@ static void transform_tile_bf16(const struct conv_in *in, long img, int h, int w
 /* micro_taps in bfloat16: b[t] holds (k / 2, 16 nv, 2) pairs; float32 accumulation. */
 static inline __attribute__((always_inline)) void micro_taps_bf16(const unsigned short *const *a,
                                                                   const unsigned short *const *b, int ntaps,
-                                                                  int k, float *c, const int nv) {
+                                                                  int k, float *c, int ldc, const int nv) {
     __m512 acc[MR][4];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < nv; j++) acc[i][j] = _mm512_setzero_ps();
@@ -665,25 +688,26 @@ static inline __attribute__((always_inline)) void micro_taps_bf16(const unsigned
         }
     }
     for (int i = 0; i < MR; i++)
-        for (int j = 0; j < nv; j++) _mm512_storeu_ps(c + i * NR + 16 * j, acc[i][j]);
+        for (int j = 0; j < nv; j++) _mm512_storeu_ps(c + i * ldc + 16 * j, acc[i][j]);
 }
 
-static void micro_taps_bf16_n(const void *const *a, const void *const *b, int ntaps, int k, float *c, int nv) {
+static void micro_taps_bf16_n(const void *const *a, const void *const *b, int ntaps, int k, float *c, int ldc,
+                              int nv) {
     const unsigned short *const *ha = (const unsigned short *const *)a, *const *hb = (const unsigned short *const *)b;
     switch (nv) {
-    case 1: micro_taps_bf16(ha, hb, ntaps, k, c, 1); break;
-    case 2: micro_taps_bf16(ha, hb, ntaps, k, c, 2); break;
-    case 3: micro_taps_bf16(ha, hb, ntaps, k, c, 3); break;
-    default: micro_taps_bf16(ha, hb, ntaps, k, c, 4); break;
+    case 1: micro_taps_bf16(ha, hb, ntaps, k, c, ldc, 1); break;
+    case 2: micro_taps_bf16(ha, hb, ntaps, k, c, ldc, 2); break;
+    case 3: micro_taps_bf16(ha, hb, ntaps, k, c, ldc, 3); break;
+    default: micro_taps_bf16(ha, hb, ntaps, k, c, ldc, 4); break;
     }
 }
 
-static void output_tile_bf16(const float *m, int rows, int r, int j, int n, const float *bias, int relu,
+static void output_tile_bf16(const float *m, int ldm, int rows, int r, int j, int n, const float *bias, int relu,
                              void *outv, int h, int w, int cout, int y0, int x0, int col0) {
     unsigned short *out = outv;
     v16 mm[A2][A2];
     for (int i = 0; i < A2; i++)
-        for (int jj = 0; jj < A2; jj++) mm[i][jj] = load(m + ((size_t)(i * A2 + jj) * rows + r) * NR + 16 * j);
+        for (int jj = 0; jj < A2; jj++) mm[i][jj] = load(m + ((size_t)(i * A2 + jj) * rows + r) * ldm + 16 * j);
     v16 t[2][A2], o[2][2];
     for (int jj = 0; jj < A2; jj++) { /* rows of A^T over the tile's rows */
         t[0][jj] = mm[0][jj] + mm[1][jj] + mm[2][jj];
@@ -702,10 +726,38 @@ static void output_tile_bf16(const float *m, int rows, int r, int j, int n, cons
 int flexunet_winograd_f23_bf16(const unsigned short *x, int cx, const unsigned short *skip, int cs, int up, int n,
                                int h, int w, const unsigned short *u, const float *bias, unsigned short *out, int cout,
                                int relu, int threads) {
-    static const struct winograd_kind f23 = {P2, 2, sizeof(unsigned short), transform_tile_bf16, micro_taps_bf16_n,
+    static const struct winograd_kind f23 = {P2, 2, sizeof(unsigned short), sizeof(unsigned short),
+                                             transform_tile_bf16, micro_taps_bf16_n,
                                              output_tile_bf16};
     struct conv_in in = conv_input(x, cx, skip, cs, up, h, w, 1);
     return winograd(&in, n, h, w, (const char *)u, bias, (char *)out, cout, relu, threads, &f23);
+}
+
+/* F(4x4, 3x3) in float32 on bfloat16 sources and output: for narrow layers (few channels), where
+ * the transforms cost more than the products and F(2x2, 3x3)'s 16 positions per 4 pixels lose
+ * to F(4x4, 3x3)'s 36 per 16, only the memory traffic is halved. u as for flexunet_winograd_f43. */
+static inline v16 load_bf16_bytes_n(const char *p, int n) { return load_bf16_n(p, n); }
+
+static void transform_tile_bf16_in(const struct conv_in *in, long img, int h, int w, int y0, int x0, void *v, int r,
+                                   int rows) {
+    transform_tile_from(in, img, h, w, y0, x0, v, r, rows, sizeof(unsigned short), load_bf16_bytes_n);
+}
+
+static inline void store_bf16_bytes(char *p, v16 v, int n) { store_bf16_n((unsigned short *)p, v, n); }
+
+static void output_tile_bf16_out(const float *m, int ldm, int rows, int r, int j, int n, const float *bias, int relu,
+                                 void *out, int h, int w, int cout, int y0, int x0, int col0) {
+    output_tile_to(m, ldm, rows, r, j, n, bias, relu, out, h, w, cout, y0, x0, col0, sizeof(unsigned short),
+                   store_bf16_bytes);
+}
+
+int flexunet_winograd_f43_bf16io(const unsigned short *x, int cx, const unsigned short *skip, int cs, int up, int n,
+                                 int h, int w, const float *u, const float *bias, unsigned short *out, int cout,
+                                 int relu, int threads) {
+    static const struct winograd_kind f43io = {P, TILE, sizeof(float), sizeof(unsigned short),
+                                               transform_tile_bf16_in, micro_taps_n, output_tile_bf16_out};
+    struct conv_in in = conv_input(x, cx, skip, cs, up, h, w, 0);
+    return winograd(&in, n, h, w, (const char *)u, bias, (char *)out, cout, relu, threads, &f43io);
 }
 
 /* The transposed convolution in bfloat16 (layouts as in float32; u in pairs). */
@@ -728,6 +780,10 @@ int flexunet_winograd_f23_bf16(const void *x, int cx, const void *skip, int cs, 
 }
 int flexunet_transposed_k3s2_bf16(const void *xp, int n, int h, int w, int cin, const void *u, const float *bias,
                                   void *out, int cout, int threads) {
+    return 3;
+}
+int flexunet_winograd_f43_bf16io(const void *x, int cx, const void *skip, int cs, int up, int n, int h, int w,
+                                 const void *u, const float *bias, void *out, int cout, int relu, int threads) {
     return 3;
 }
 #endif
