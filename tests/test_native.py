@@ -294,3 +294,17 @@ def test_native_weight_gradient_matches_the_direct_one(n, cs, cx, cout, h, w, up
                                                None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])[1]
     assert got.shape == want.shape
     assert float((got.double() - want).abs().max() / want.abs().max()) < 2e-5
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("n,channels,h,w,start", [(2, 60, 8, 12, 24), (1, 5, 2, 2, 0), (2, 17, 6, 10, 3), (1, 40, 1, 3, 8)])
+def test_upsampling_adjoint_is_the_gradient_of_the_upsampling(mode, n, channels, h, w, start):
+    """Read from channels `start:` of the joined gradient in place; equal to autograd through F.interpolate."""
+    torch.manual_seed(channels + h)
+    x = torch.randn(n, channels - start, h, w, dtype=torch.float64, requires_grad=True)
+    up = F.interpolate(x, scale_factor=2, mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+    grad = torch.randn(n, channels, 2 * h, 2 * w, dtype=torch.float64)
+    up.backward(grad[:, start:])
+    got = native.upsample2x_adjoint(grad.float(), start, mode)
+    assert got.shape == x.shape and got.is_contiguous(memory_format=torch.channels_last)
+    assert float((got.double() - x.grad).abs().max()) < 1e-5

@@ -82,6 +82,11 @@ def test_weight_gradient_passes_pytorchs_operator_checks(cx, cs, cout, upsample)
     torch.library.opcheck(torch.ops.flexunet.conv3x3_weight_grad.default, (x, grad, skip, upsample))
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_upsampling_adjoint_passes_pytorchs_operator_checks(mode):
+    torch.library.opcheck(torch.ops.flexunet.upsample2x_backward.default, (torch.randn(2, 20, 6, 8), 7, mode))
+
+
 @pytest.mark.parametrize("shape,cin,cout,grad,uses_operator", [
     ((2, 16, 32, 32), 16, 16, False, True),  # inference: always
     ((2, 16, 32, 32), 16, 16, True, True),  # training: 16 channels, 128 tiles

@@ -173,6 +173,7 @@ def library() -> Optional[ctypes.CDLL]:
                 "winograd_f43": [ptr, i, ptr, i, i, i, i, i, ptr, ptr, ptr, i, i, i],
                 "direct3x3": [ptr, i, i, i, i, ptr, ptr, ptr, i, i, i, i],
                 "winograd_f43_weight_grad": [ptr, i, ptr, i, i, ptr, i, i, i, i, ptr, i],
+                "upsample2x_adjoint": [ptr, i, i, i, i, i, ptr, i, i],
                 "transposed_k3s2": [ptr, i, i, i, i, ptr, ptr, ptr, i, i],
             }
             signatures["winograd_f23_bf16"] = signatures["winograd_f43_bf16io"] = signatures["winograd_f43"]
@@ -333,6 +334,19 @@ def winograd_weight_grad(x: torch.Tensor, grad: torch.Tensor, skip: Optional[tor
     du = partial.sum(0)[:, :cin, :cout]  # (36, Cin, Cout)
     _, gg, _ = fastconv.winograd_matrices(4, torch.float32)
     return (gg.t() @ du.reshape(36, -1)).view(3, 3, cin, cout).permute(3, 2, 0, 1).contiguous()
+
+
+def upsample2x_adjoint(grad: torch.Tensor, start: int, mode: str) -> torch.Tensor:
+    """The gradient of a source upsampled by 2 ("bilinear", half-pixel centres, or "nearest") from
+    channels `start:` of `grad` (float32, (N, C, 2h, 2w)), read in place: (N, C - start, h, w)."""
+    grad = grad.float().contiguous(memory_format=torch.channels_last)
+    n, channels, hh, ww = grad.shape
+    out = torch.empty((n, channels - start, hh // 2, ww // 2), memory_format=torch.channels_last)
+    base = grad.data_ptr() + 4 * start  # channel `start` of the first pixel; pixels are `channels` apart
+    status = library().flexunet_upsample2x_adjoint(base, n, hh, ww, channels, channels - start, out.data_ptr(),
+                                                   int(mode == "bilinear"), torch.get_num_threads())
+    _status("upsample2x_adjoint", status, tuple(grad.shape), channels - start, torch.float32)
+    return out
 
 
 # Input channels up to which `direct_conv3x3` beats Winograd (whose products pad them to 16).

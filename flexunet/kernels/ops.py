@@ -165,9 +165,9 @@ def _conv3x3_setup(ctx, inputs, output):
 
 def _conv3x3_backward(ctx, grad):
     x, weight, skip, output = ctx.saved_tensors
+    grad = grad.contiguous(memory_format=CHANNELS_LAST)  # as the output: elementwise passes stay fast
     if output is not None:  # through the fused ReLU: one pass, as ReLU's own backward
         grad = torch.ops.aten.threshold_backward(grad, output, 0)
-    grad = grad.contiguous(memory_format=CHANNELS_LAST)
     grad_x = grad_w = grad_b = grad_skip = None
     need_x, need_skip = ctx.needs_input_grad[0], skip is not None and ctx.needs_input_grad[6]
     if need_x or need_skip:
@@ -175,18 +175,36 @@ def _conv3x3_backward(ctx, grad):
         grad_in = torch.ops.flexunet.conv3x3(grad, weight.flip(2, 3).transpose(0, 1), None, ctx.dtype, False)
         cs = 0 if skip is None else skip.shape[1]
         grad_skip = grad_in[:, :cs] if need_skip else None
-        grad_x = grad_in[:, cs:] if need_x else None
         if need_x and ctx.upsample != "none":  # the adjoint of the upsampling
-            size, shape = [int(s) for s in grad.shape[2:]], [int(s) for s in x.shape]
-            if ctx.upsample == "bilinear":
-                grad_x = torch.ops.aten.upsample_bilinear2d_backward.default(grad_x, size, shape, False, None, None)
-            else:
-                grad_x = torch.ops.aten.upsample_nearest2d_backward.default(grad_x, size, shape, None, None)
+            grad_x = torch.ops.flexunet.upsample2x_backward(grad_in, cs, ctx.upsample)
+        elif need_x:
+            grad_x = grad_in[:, cs:]
     need_w, need_b = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
     grad_b = grad.sum((0, 2, 3)).to(weight.dtype) if need_b else None
     if need_w:
         grad_w = torch.ops.flexunet.conv3x3_weight_grad(x, grad, skip, ctx.upsample).to(weight.dtype)
     return grad_x, grad_w, grad_b, None, None, None, grad_skip, None
+
+
+@torch.library.custom_op("flexunet::upsample2x_backward", mutates_args=(), device_types="cpu")
+def upsample2x_backward(grad: torch.Tensor, start: int, mode: str) -> torch.Tensor:
+    """The gradient of a source upsampled by 2 (`mode` "bilinear" or "nearest", as `F.interpolate`)
+    whose upsampled copy is channels `start:` of `grad`; computed from `grad` in place (no slice copy)."""
+    if grad.dtype == torch.float32 and native.available():
+        return native.upsample2x_adjoint(grad, start, mode)
+    part = grad[:, start:]
+    size, shape = [int(s) for s in part.shape[2:]], [part.shape[0], part.shape[1], part.shape[2] // 2, part.shape[3] // 2]
+    if mode == "bilinear":
+        out = torch.ops.aten.upsample_bilinear2d_backward.default(part, size, shape, False, None, None)
+    else:
+        out = torch.ops.aten.upsample_nearest2d_backward.default(part, size, shape, None, None)
+    return out.contiguous(memory_format=CHANNELS_LAST)
+
+
+@upsample2x_backward.register_fake
+def _(grad, start, mode):
+    return torch.empty((grad.shape[0], grad.shape[1] - start, grad.shape[2] // 2, grad.shape[3] // 2),
+                       dtype=grad.dtype, device=grad.device, memory_format=CHANNELS_LAST)
 
 
 @torch.library.custom_op("flexunet::conv3x3_weight_grad", mutates_args=(), device_types="cpu")

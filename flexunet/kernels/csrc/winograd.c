@@ -4,6 +4,7 @@
  *   flexunet_winograd_f23_bf16   the same with F(2x2, 3x3) and bfloat16 dot products (AVX512-BF16)
  *   flexunet_winograd_f43_bf16io F(4x4, 3x3) in float32 on bfloat16 input and output (narrow layers)
  *   flexunet_direct3x3           3x3 'same' convolution for few input channels (an image's 1-4)
+ *   flexunet_winograd_f43_weight_grad, flexunet_upsample2x_adjoint   for the backward pass
  *   flexunet_transposed_k3s2     transposed convolution, kernel 3, stride 2, TensorFlow 'same'
  *   flexunet_transposed_k3s2_bf16
  *
@@ -508,6 +509,70 @@ int flexunet_winograd_f43_weight_grad(const float *x, int cx, const float *skip,
         }
         free(v);
         free(dm);
+    }
+    return failed ? 2 : 0;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The adjoint of upsampling by 2 (the gradient of a source from the gradient of its upsampled
+ * copy), float32, channels-last. Each source pixel sums the upsampled pixels that sampled it,
+ * weighted as they sampled it: bilinear (half-pixel centres, edges clamped) or nearest.
+ *   g    (N, H, W, stride): channels c0..c0+C-1 of every pixel are read (g points at c0)
+ *   out  (N, H / 2, W / 2, C)
+ */
+
+/* The weight with which upsampled row y (of 2h) samples source row i (bilinear, clamped). */
+static inline float bilinear_weight(int y, int i, int h) {
+    int a = (y - 1) >> 1, b = a + 1;
+    float wa = (y & 1) ? 0.75f : 0.25f;
+    if (a < 0) a = 0;
+    if (b >= h) b = h - 1;
+    return (a == i ? wa : 0.0f) + (b == i ? 1.0f - wa : 0.0f);
+}
+
+int flexunet_upsample2x_adjoint(const float *g, int n, int hh, int ww, int stride, int c, float *out, int bilinear,
+                                int threads) {
+    if (n <= 0 || hh <= 0 || ww <= 0 || hh % 2 || ww % 2 || c <= 0 || stride < c) return 1;
+    const int h = hh / 2, w = ww / 2, reach = bilinear ? 1 : 0; /* rows 2i - reach .. 2i + 1 + reach */
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *row = aligned_alloc(64, sizeof(float) * ((size_t)ww * ROUND16(c) + 16));
+        if (!row) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(static)
+            for (long item = 0; item < (long)n * h; item++) {
+                long img = item / h;
+                int i = item % h;
+                const float *gi = g + (size_t)img * hh * ww * stride;
+                for (int cc = 0; cc < c; cc += 16) { /* rows into `row` (ww x 16), then columns */
+                    int k = c - cc < 16 ? c - cc : 16;
+                    for (int x = 0; x < ww; x++) {
+                        v16 acc = (v16){0};
+                        for (int y = 2 * i - reach; y <= 2 * i + 1 + reach; y++) {
+                            if (y < 0 || y >= hh) continue;
+                            float wy = bilinear ? bilinear_weight(y, i, h) : 1.0f;
+                            acc += wy * load_f32_n((const char *)(gi + ((size_t)y * ww + x) * stride + cc), k);
+                        }
+                        store(row + (size_t)x * 16, acc);
+                    }
+                    for (int j = 0; j < w; j++) {
+                        v16 acc = (v16){0};
+                        for (int x = 2 * j - reach; x <= 2 * j + 1 + reach; x++) {
+                            if (x < 0 || x >= ww) continue;
+                            float wx = bilinear ? bilinear_weight(x, j, w) : 1.0f;
+                            acc += wx * load(row + (size_t)x * 16);
+                        }
+                        store_f32_n(out + (((size_t)img * h + i) * w + j) * c + cc, acc, k);
+                    }
+                }
+            }
+        }
+        free(row);
     }
     return failed ? 2 : 0;
 }
