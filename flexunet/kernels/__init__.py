@@ -3,7 +3,7 @@
 The model layer (`flexunet.layers`) states TensorFlow's semantics and asks
 this package for a fast result in one call:
 
-    fast = kernels.conv3x3(x, weight, bias)        # a Tensor, or None: run the plain convolution
+    fast = kernels.conv3x3(x, weight, bias, relu, skip, upsample)  # a Tensor, or None: the plain path
     fast = kernels.conv_transpose(x, weight, bias, stride, crop)
 
 Both call the registered operators of `flexunet.kernels.ops`
@@ -16,9 +16,10 @@ the only choice:
   standard operators that any runtime executes;
 * off the CPU, or for dtypes other than float32 and bfloat16;
 * in training, except 3x3 float32 convolutions of at least
-  `TRAINING_MIN_CHANNELS` channels (the operator then also computes both
-  gradients on the fused kernels; oneDNN's own backward wins for an image's few
-  input channels and for transposed convolutions).
+  `TRAINING_MIN_CHANNELS` channels and `TRAINING_MIN_TILES` 4x4 output tiles
+  (the operator then also computes both gradients on the fused kernels;
+  oneDNN's own backward wins for an image's few input channels, for tiny maps
+  and for transposed convolutions).
 
 Under `torch.autocast` the operators compute in the autocast dtype with weights
 cast once and cached, not at every call.
@@ -36,7 +37,10 @@ from flexunet.kernels import native, ops
 # operator (forward, input gradient and weight gradient on the fused kernels). Measured on whole Adam
 # steps of SLEAP's profiles, 2 threads: from 16 channels on, every layer on the operator beats any
 # per-layer choice (baseline_medium_rf.topdown 0.67 s vs 0.77 s with only wide or large layers on it);
-# an image's 1-3 input channels train faster on oneDNN (0.69 s).
+# an image's 1-3 input channels train faster on oneDNN (0.69 s). Below 64 output tiles per batch the
+# per-step kernel transforms cost more than Winograd saves (baseline_medium_rf.bottomup, whose 512-
+# channel layers run at 16x16: 0.559 s from 64 tiles on, 0.573 s with every layer on the operator,
+# 0.610 s from 256).
 TRAINING_MIN_CHANNELS = 16
 TRAINING_MIN_TILES = 64
 
@@ -84,4 +88,4 @@ def conv_transpose(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return torch.ops.flexunet.conv_transpose_same(x, weight, bias, stride, crop, compute_dtype(x))
 
 
-__all__ = ["TRAINING_MIN_CHANNELS", "compute_dtype", "conv3x3", "conv_transpose", "native", "ops"]
+__all__ = ["TRAINING_MIN_CHANNELS", "TRAINING_MIN_TILES", "compute_dtype", "conv3x3", "conv_transpose", "native", "ops"]

@@ -3,17 +3,23 @@
 Each operator has one meaning, stated in TensorFlow's terms, and picks its
 fastest implementation at run time:
 
-* `conv3x3(x, weight, bias, dtype, cache)`: 3x3 stride-1 convolution with one zero
-  pixel of padding on every side (TensorFlow's 'same' for k=3), computed in
-  `dtype`. Native fused Winograd kernels where they apply, Winograd as batched
-  matrix products from 256 channels, else oneDNN's direct convolution.
+* `conv3x3(x, weight, bias, dtype, cache, relu=False, skip=None, upsample="none")`:
+  3x3 stride-1 convolution with one zero pixel of padding on every side
+  (TensorFlow's 'same' for k=3), computed in `dtype`, of `cat([skip, upsample(x)])`
+  (SLEAP's decoder input: `x` upsampled by 2, bilinear or nearest, after the skip),
+  rectified if `relu`. Native kernels where they apply (fused Winograd, which forms
+  the joined input while reading it; direct for 1-4 input channels), Winograd as
+  batched matrix products from 256 channels, else oneDNN's direct convolution.
+* `conv3x3_weight_grad(x, grad, skip, upsample)` and `upsample2x_backward(grad,
+  start, mode)`: the weight gradient of `conv3x3` and the adjoint of the upsampling,
+  which its autograd formula calls (native kernels, else ATen).
 * `conv_transpose_same(x, weight, bias, stride, crop, dtype)`: the transposed
   convolution of `x` (N, Cin, H, W) with `weight` (Cin, Cout, k, k), of which the
   rows and columns `crop .. crop + H * stride` are kept (TensorFlow: `crop =
   max(k - stride, 0) // 2`; sleap-nn: `(k - 1) // 2`). Native kernel for
   TensorFlow's k=3, s=2, else one matrix product per input shift.
 
-Both return channels-last tensors. Each has a fake (meta) implementation, so
+All return channels-last tensors. Each has a fake (meta) implementation, so
 `torch.compile(fullgraph=True)` keeps them as single nodes and fuses around them;
 `conv3x3` also has an autograd formula (its input gradient is the same operator
 with the kernel flipped). In inference, transformed, packed or cast weights are
