@@ -91,20 +91,6 @@ def _build(system: str, layout: dict, channels: int):
     return wrapped
 
 
-def _roofline(dtype, size: int = 4096, repeats: int = 3) -> float:
-    """GFLOP/s of a large square matrix product: the machine's practical peak for `dtype`."""
-    import torch
-
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times) / 1e9
-
-
 def worker(system: str, threads: int) -> None:
     """Answer `case<TAB>request` lines on stdin with one number: the seconds of one timed call of a
     mode (`MODES`) or of `scale BATCH SIDE` (fp32 inference at that size); or, from flexunet, the
@@ -123,7 +109,10 @@ def worker(system: str, threads: int) -> None:
     for line in sys.stdin:
         case, request = line.rstrip("\n").split("\t")
         if case == "roofline":
-            print(_roofline(torch.float32 if request == "fp32" else torch.bfloat16), flush=True)
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from bench_unet import roofline
+
+            print(roofline(torch.float32 if request == "fp32" else torch.bfloat16, repeats=3), flush=True)
             continue
         layout, (batch, side, channels) = CASES[case]
         if current != case:  # one case at a time: build it, drop the previous one

@@ -282,6 +282,14 @@ static void output_tile(const float *m, int ldm, int rows, int r, int j, int n, 
     output_tile_to(m, ldm, rows, r, j, n, bias, relu, out, h, w, cout, y0, x0, col0, sizeof(float), store_f32_bytes);
 }
 
+/* Image and top-left output pixel of tile t, tiles numbered row by row (th x tw per image). */
+static inline void tile_origin(long t, int th, int tw, int tile, long *img, int *y0, int *x0) {
+    *img = t / ((long)th * tw);
+    int rem = t % ((long)th * tw);
+    *y0 = (rem / tw) * tile;
+    *x0 = (rem % tw) * tile;
+}
+
 static int block_rows(int cin, int positions, size_t size) {
     /* Keep V (positions x rows x Cin elements) near 1 MiB; rows a multiple of MR. */
     int rows = (1 << 20) / (positions * cin * (int)size);
@@ -324,10 +332,10 @@ static int winograd(const struct conv_in *in, int n, int h, int w, const char *u
                 long t0 = blk * rows;
                 int count = tiles - t0 < rows ? (int)(tiles - t0) : rows;
                 for (int r = 0; r < count; r++) {
-                    long t = t0 + r;
-                    long img = t / (th * tw);
-                    int rem = t % (th * tw);
-                    kind->in(in, img, h, w, (rem / tw) * tile - 1, (rem % tw) * tile - 1, v, r, rows);
+                    long img;
+                    int y0, x0;
+                    tile_origin(t0 + r, th, tw, tile, &img, &y0, &x0);
+                    kind->in(in, img, h, w, y0 - 1, x0 - 1, v, r, rows);
                 }
                 int used = (count + MR - 1) / MR * MR;
                 for (int pn = 0; pn < panels; pn++) {
@@ -341,14 +349,13 @@ static int winograd(const struct conv_in *in, int n, int h, int w, const char *u
                                         mp + (size_t)r * width, width, width / 16);
                     }
                     for (int r = 0; r < count; r++) {
-                        long t = t0 + r;
-                        long img = t / (th * tw);
-                        int rem = t % (th * tw);
+                        long img;
+                        int y0, x0;
+                        tile_origin(t0 + r, th, tw, tile, &img, &y0, &x0);
                         for (int j = 0; j < width / 16; j++) {
                             int first = pn * NR + 16 * j, valid = cout - first < 16 ? cout - first : 16;
                             kind->out(m, width, rows, r, j, valid, bias, relu,
-                                      out + kind->out_size * img * h * w * cout, h, w, cout,
-                                      (rem / tw) * tile, (rem % tw) * tile, pn * NR);
+                                      out + kind->out_size * img * h * w * cout, h, w, cout, y0, x0, pn * NR);
                         }
                     }
                 }
@@ -484,9 +491,9 @@ int flexunet_winograd_f43_weight_grad(const float *x, int cx, const float *skip,
                 long t0 = blk * rows;
                 int count = tiles - t0 < rows ? (int)(tiles - t0) : rows;
                 for (int r = 0; r < count; r++) {
-                    long t = t0 + r;
-                    long img = t / (th * tw);
-                    int rem = t % (th * tw), y0 = (rem / tw) * TILE, x0 = (rem % tw) * TILE;
+                    long img;
+                    int y0, x0;
+                    tile_origin(t0 + r, th, tw, TILE, &img, &y0, &x0);
                     transform_tile(&in, img, h, w, y0 - 1, x0 - 1, v, r, rows);
                     gradient_tile(g + (size_t)img * h * w * cout, h, w, cout, cout16, y0, x0, dm, r, rows, panels);
                 }
