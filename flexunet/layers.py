@@ -85,6 +85,10 @@ class MaxPool2dSame(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, s = self.pool_size, self.stride
+        if k == s == 2:
+            fast = kernels.max_pool2x2(x)  # None: the plain pooling below
+            if fast is not None:
+                return fast
         if k == s:
             # Windows tile the input; ceil_mode keeps the clipped last window like TF.
             return F.max_pool2d(x, k, s, ceil_mode=True)

@@ -118,13 +118,15 @@ def test_native_bfloat16_winograd_is_as_accurate_as_a_bfloat16_convolution(n, ci
 
 
 def test_bfloat16_autocast_uses_the_native_kernel(monkeypatch):
+    """Layers wider than `ops.NARROW_BF16_CHANNELS` (here all but the first) run the native bfloat16 kernel."""
     if not native.has_bfloat16():
         pytest.skip("this CPU has no AVX512-BF16")
     torch.manual_seed(0)
-    model = flexunet.UNet(filters=16, down_blocks=2, up_blocks=2).eval()
+    model = flexunet.UNet(filters=48, down_blocks=2, up_blocks=2).eval()
     x = torch.rand(2, 1, 40, 40)
     dtypes = []
     original = native.winograd_conv3x3
+
     def recording(*args, **kwargs):
         out = original(*args, **kwargs)
         dtypes.append(out.dtype)
@@ -163,22 +165,6 @@ def test_native_winograd_rejects_what_it_cannot_take():
     skip = torch.zeros(1, 16, 6, 6)
     with pytest.raises(ValueError, match="matching source sizes"):  # x upsampled is 8x8, the skip 6x6
         native.winograd_conv3x3(torch.zeros(1, 16, 4, 4), packed, None, 16, skip=skip, upsample="bilinear")
-
-
-@pytest.mark.parametrize("cs,cx,cout,upsample", [(0, 16, 16, None), (0, 24, 7, None), (16, 8, 24, "bilinear")])
-def test_narrow_bfloat16_layers_run_float32_winograd_on_bfloat16_data(cs, cx, cout, upsample):
-    if not native.has_bfloat16():
-        pytest.skip("this CPU has no AVX512-BF16")
-    torch.manual_seed(cx)
-    factor = 2 if upsample else 1
-    x = torch.randn(2, cx, 10 // factor, 14 // factor).bfloat16()
-    skip = torch.randn(2, cs, 10, 14).bfloat16() if cs else None
-    weight, bias = torch.randn(cout, cs + cx, 3, 3), torch.randn(cout)
-    y = native.winograd_conv3x3(x, native.transform_kernel(weight), bias, cout, relu=True, skip=skip,
-                                upsample=upsample, io_dtype=torch.bfloat16)
-    ref = torch.relu(_reference(x, weight, bias, skip, upsample))
-    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
-    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-2
 
 
 def test_unet_uses_the_native_kernel_by_default(monkeypatch):
@@ -308,3 +294,20 @@ def test_upsampling_adjoint_is_the_gradient_of_the_upsampling(mode, n, channels,
     got = native.upsample2x_adjoint(grad.float(), start, mode)
     assert got.shape == x.shape and got.is_contiguous(memory_format=torch.channels_last)
     assert float((got.double() - x.grad).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (1, 17, 1, 1), (2, 24, 12, 10), (1, 40, 3, 6)])
+def test_native_max_pool_is_tensorflows_same_pooling(shape, dtype):
+    """Clipped windows at odd sizes, channel tails, NaN kept: equal to ceil-mode max pooling."""
+    if dtype == torch.bfloat16 and not native.has_bfloat16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    torch.manual_seed(shape[1])
+    x = torch.randn(*shape).to(dtype)
+    if shape[2] > 1:
+        x[0, 0, 1, 1] = float("nan")
+    got = native.max_pool2x2(x)
+    want = F.max_pool2d(x.float(), 2, 2, ceil_mode=True)
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got.float().isnan(), want.isnan())
+    assert torch.equal(got.float().nan_to_num(0.0), want.nan_to_num(0.0))

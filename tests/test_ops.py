@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import flexunet
 from flexunet import kernels
-from flexunet.layers import Conv2dSame, ConvTranspose2dSame
+from flexunet.kernels import native
+from flexunet.layers import Conv2dSame, ConvTranspose2dSame, MaxPool2dSame
 
 CONV3X3 = torch.ops.flexunet.conv3x3.default
 TRANSPOSED = torch.ops.flexunet.conv_transpose_same.default
@@ -80,6 +81,36 @@ def test_weight_gradient_passes_pytorchs_operator_checks(cx, cs, cout, upsample)
     x, grad = torch.randn(2, cx, 6, 5), torch.randn(2, cout, 6 * factor, 5 * factor)
     skip = torch.randn(2, cs, 6 * factor, 5 * factor) if cs else None
     torch.library.opcheck(torch.ops.flexunet.conv3x3_weight_grad.default, (x, grad, skip, upsample))
+
+
+@pytest.mark.parametrize("cin,cout,joined,native_calls", [(16, 16, False, 0), (32, 24, False, 0), (48, 16, False, 1),
+                                                          (16, 16, True, 1)])
+def test_narrow_bfloat16_layers_run_on_onednn(cin, cout, joined, native_calls, monkeypatch):
+    """In bfloat16, unjoined layers of at most NARROW_BF16_CHANNELS channels use oneDNN's direct convolution."""
+    if not (native.available() and native.has_bfloat16()):
+        pytest.skip("needs the native kernels with AVX512-BF16")
+    calls = []
+    original = native.winograd_conv3x3
+    monkeypatch.setattr(native, "winograd_conv3x3", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x = torch.randn(2, cin // 2 if joined else cin, 6 if joined else 12, 6 if joined else 12)
+    skip = torch.randn(2, cin - cin // 2, 12, 12) if joined else None
+    weight, bias = torch.randn(cout, cin, 3, 3), torch.randn(cout)
+    got = CONV3X3(x, weight, bias, torch.bfloat16, True, True, skip, "bilinear" if joined else "none")
+    joined_input = torch.cat([skip, F.interpolate(x, scale_factor=2, mode="bilinear")], 1) if joined else x
+    want = torch.relu(F.conv2d(joined_input.double(), weight.double(), bias.double(), padding=1))
+    assert len(calls) == native_calls and got.dtype == torch.bfloat16
+    assert float((got.double() - want).abs().max() / want.abs().max()) < 2e-2
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 7, 10), (1, 16, 8, 8)])
+def test_max_pool_passes_pytorchs_operator_checks_and_serves_inference_only(shape):
+    x = torch.randn(*shape)
+    torch.library.opcheck(torch.ops.flexunet.max_pool2x2.default, (x,))
+    pool = MaxPool2dSame()
+    with torch.no_grad():
+        torch.testing.assert_close(pool(x), F.max_pool2d(x, 2, 2, ceil_mode=True))
+        assert kernels.max_pool2x2(x) is not None
+    assert kernels.max_pool2x2(x.requires_grad_()) is None  # training: ATen's, whose backward needs its indices
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])

@@ -5,6 +5,7 @@ this package for a fast result in one call:
 
     fast = kernels.conv3x3(x, weight, bias, relu, skip, upsample)  # a Tensor, or None: the plain path
     fast = kernels.conv_transpose(x, weight, bias, stride, crop)
+    fast = kernels.max_pool2x2(x)
 
 Both call the registered operators of `flexunet.kernels.ops`
 (`torch.ops.flexunet.conv3x3`, `torch.ops.flexunet.conv_transpose_same`) when
@@ -80,6 +81,13 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return torch.ops.flexunet.conv3x3(x, weight, bias, dtype, not tracked, relu, skip, upsample or "none")
 
 
+def max_pool2x2(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """`flexunet::max_pool2x2` in inference (see the module docstring), else None."""
+    if not _eligible(x) or (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    return torch.ops.flexunet.max_pool2x2(x)
+
+
 def conv_transpose(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
                    crop: int) -> Optional[torch.Tensor]:
     """`flexunet::conv_transpose_same` in inference (see the module docstring), else None."""
@@ -88,4 +96,4 @@ def conv_transpose(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return torch.ops.flexunet.conv_transpose_same(x, weight, bias, stride, crop, compute_dtype(x))
 
 
-__all__ = ["TRAINING_MIN_CHANNELS", "TRAINING_MIN_TILES", "compute_dtype", "conv3x3", "conv_transpose", "native", "ops"]
+__all__ = ["TRAINING_MIN_CHANNELS", "TRAINING_MIN_TILES", "compute_dtype", "conv3x3", "conv_transpose", "max_pool2x2", "native", "ops"]

@@ -174,9 +174,10 @@ def library() -> Optional[ctypes.CDLL]:
                 "direct3x3": [ptr, i, i, i, i, ptr, ptr, ptr, i, i, i, i],
                 "winograd_f43_weight_grad": [ptr, i, ptr, i, i, ptr, i, i, i, i, ptr, i],
                 "upsample2x_adjoint": [ptr, i, i, i, i, i, ptr, i, i],
+                "max_pool2x2": [ptr, i, i, i, i, ptr, i, i],
                 "transposed_k3s2": [ptr, i, i, i, i, ptr, ptr, ptr, i, i],
             }
-            signatures["winograd_f23_bf16"] = signatures["winograd_f43_bf16io"] = signatures["winograd_f43"]
+            signatures["winograd_f23_bf16"] = signatures["winograd_f43"]
             signatures["transposed_k3s2_bf16"] = signatures["transposed_k3s2"]
             for name, args in signatures.items():
                 fn = getattr(lib, f"flexunet_{name}")
@@ -274,8 +275,8 @@ UPSAMPLING = {None: 0, "bilinear": 1, "nearest": 2}
 
 
 def winograd_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor], out_channels: int,
-                     relu: bool = False, skip: Optional[torch.Tensor] = None, upsample: Optional[str] = None,
-                     io_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                     relu: bool = False, skip: Optional[torch.Tensor] = None,
+                     upsample: Optional[str] = None) -> torch.Tensor:
     """3x3 'same' convolution on the fused kernel, in `packed`'s dtype, of the concatenation
     `[skip, upsample(x)]` (just `x` without `skip`; `upsample` None, "bilinear" or "nearest",
     by 2): the upsampled and concatenated input is formed while tiles are gathered, never stored.
@@ -283,12 +284,10 @@ def winograd_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch
     `packed` comes from `transform_kernel(weight, dtype)`, its input channels those
     of the skip, then x's: float32 runs F(4x4, 3x3), bfloat16 F(2x2, 3x3) with
     bfloat16 products accumulated in float32. `relu` rectifies the output. The
-    result is (N, out_channels, H, W), channels-last in that dtype, or in `io_dtype`:
-    a float32 `packed` with `io_dtype=torch.bfloat16` runs F(4x4, 3x3) in float32 on
-    bfloat16 input and output (for narrow layers). Callers check `supports_winograd` first.
+    result is (N, out_channels, H, W), channels-last in that dtype; callers check
+    `supports_winograd` first.
     """
-    dtype = io_dtype or packed.dtype
-    f43_bf16io = packed.dtype == torch.float32 and dtype == torch.bfloat16
+    dtype = packed.dtype
     n, cx, h, w = x.shape
     factor = 2 if upsample else 1
     x = x.to(dtype).contiguous(memory_format=torch.channels_last)
@@ -301,7 +300,7 @@ def winograd_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch
         skip = skip.to(dtype).contiguous(memory_format=torch.channels_last)
     out = torch.empty((n, out_channels, h * factor, w * factor), dtype=dtype, memory_format=torch.channels_last)
     b = _padded_bias(bias, out_channels)
-    name = "winograd_f43_bf16io" if f43_bf16io else "winograd_f43" if dtype == torch.float32 else "winograd_f23_bf16"
+    name = "winograd_f43" if dtype == torch.float32 else "winograd_f23_bf16"
     fn = getattr(library(), f"flexunet_{name}")
     status = fn(x.data_ptr(), cx, None if skip is None else skip.data_ptr(), cs, UPSAMPLING[upsample], n,
                 h * factor, w * factor, packed.data_ptr(), b.data_ptr(), out.data_ptr(), out_channels, int(relu),
@@ -346,6 +345,18 @@ def upsample2x_adjoint(grad: torch.Tensor, start: int, mode: str) -> torch.Tenso
     status = library().flexunet_upsample2x_adjoint(base, n, hh, ww, channels, channels - start, out.data_ptr(),
                                                    int(mode == "bilinear"), torch.get_num_threads())
     _status("upsample2x_adjoint", status, tuple(grad.shape), channels - start, torch.float32)
+    return out
+
+
+def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
+    """TensorFlow's 'same' 2x2 max pooling with stride 2 (windows clipped at the bottom/right, NaN
+    propagated) of a float32 or bfloat16 (N, C, H, W) batch; channels-last (N, C, ceil(H/2), ceil(W/2))."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = x.shape
+    out = torch.empty((n, c, -(-h // 2), -(-w // 2)), dtype=x.dtype, memory_format=torch.channels_last)
+    status = library().flexunet_max_pool2x2(x.data_ptr(), n, h, w, c, out.data_ptr(), int(x.dtype == torch.bfloat16),
+                                            torch.get_num_threads())
+    _status("max_pool2x2", status, tuple(x.shape), c, x.dtype)
     return out
 
 

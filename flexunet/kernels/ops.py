@@ -13,6 +13,8 @@ fastest implementation at run time:
 * `conv3x3_weight_grad(x, grad, skip, upsample)` and `upsample2x_backward(grad,
   start, mode)`: the weight gradient of `conv3x3` and the adjoint of the upsampling,
   which its autograd formula calls (native kernels, else ATen).
+* `max_pool2x2(x)`: TensorFlow's 'same' 2x2 max pooling (inference; training keeps
+  ATen's, whose backward needs its indices).
 * `conv_transpose_same(x, weight, bias, stride, crop, dtype)`: the transposed
   convolution of `x` (N, Cin, H, W) with `weight` (Cin, Cout, k, k), of which the
   rows and columns `crop .. crop + H * stride` are kept (TensorFlow: `crop =
@@ -46,12 +48,13 @@ TORCH_WINOGRAD_MIN_CHANNELS = 256
 # 512->512 @16x16 (32 tiles) 26 vs 14 ms, 182->182 @6x6 batch 16 (64 tiles) 3.0 vs 1.8 ms,
 # 16->16 @512x512 batch 2 13.9 vs 11.9 ms.
 NATIVE_WEIGHT_GRAD_MIN_TILES = 128
-# In bfloat16, layers of at most this many input and output channels run F(4x4, 3x3) in float32 on
-# bfloat16 data: their transforms cost more than their products, and F(2x2, 3x3) (bfloat16 products)
-# needs 16 of them per 4 pixels where F(4x4, 3x3) needs 36 per 16. Measured, 2 threads, float32-F(4x4)
-# vs bfloat16-F(2x2): 16->16 @512x512 batch 2 7.7 vs 10.4 ms, 24->24 @192x192 batch 16 24.9 vs 25.4 ms;
-# but 32->32 @256x256 6.8 vs 6.1 ms.
-NARROW_BF16_CHANNELS = 24
+# In bfloat16, layers of at most this many input and output channels (not joined to a skip or an
+# upsampled input) run on oneDNN's direct bfloat16 convolution: there the Winograd transforms cost
+# more than the products, and F(2x2, 3x3) (exact enough in bfloat16) needs 16 products per 4 pixels.
+# Measured, 2 threads, oneDNN + ReLU vs native F(2x2, 3x3): 16->16 @512x512 batch 2 7.3 vs 10.4 ms,
+# 24->24 @192x192 batch 16 20.3 vs 25.3 ms, 32->32 @256x256 batch 2 5.9 vs 6.2 ms; but 36->36
+# @96x96 batch 16 10.9 vs 10.5 ms.
+NARROW_BF16_CHANNELS = 32
 NATIVE_WEIGHT_GRAD_MAX_NARROW = 16
 CHANNELS_LAST = torch.channels_last
 
@@ -134,16 +137,15 @@ def _upsampled_input(x: torch.Tensor, skip: Optional[torch.Tensor], upsample: st
 
 def _conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
     cout, cin = weight.shape[:2]
-    if native.supports_winograd(dtype) and native.available():
-        if skip is None and upsample == "none" and cin <= native.DIRECT_MAX_CHANNELS:
+    joined = skip is not None or upsample != "none"
+    narrow_bf16 = (dtype == torch.bfloat16 and max(cin, cout) <= NARROW_BF16_CHANNELS and not joined
+                   and cin > native.DIRECT_MAX_CHANNELS)
+    if native.supports_winograd(dtype) and native.available() and not narrow_bf16:  # else oneDNN, below
+        if not joined and cin <= native.DIRECT_MAX_CHANNELS:
             packed = _derived(weight, ("direct",), lambda: native.pack_direct(weight), cache)
             return native.direct_conv3x3(x, packed, bias, cout, relu, dtype)
-        # Narrow bfloat16 layers compute F(4x4, 3x3) in float32 on bfloat16 data (see NARROW_BF16_CHANNELS).
-        kernel_dtype = torch.float32 if dtype == torch.bfloat16 and max(cin, cout) <= NARROW_BF16_CHANNELS else dtype
-        packed = _derived(weight, ("winograd", kernel_dtype), lambda: native.transform_kernel(weight, kernel_dtype),
-                          cache)
-        return native.winograd_conv3x3(x, packed, bias, cout, relu, skip, None if upsample == "none" else upsample,
-                                       io_dtype=dtype)
+        packed = _derived(weight, ("winograd", dtype), lambda: native.transform_kernel(weight, dtype), cache)
+        return native.winograd_conv3x3(x, packed, bias, cout, relu, skip, None if upsample == "none" else upsample)
     x = _upsampled_input(x.to(dtype), skip, upsample).contiguous(memory_format=CHANNELS_LAST)
     if min(cin, cout) >= TORCH_WINOGRAD_MIN_CHANNELS:
         tile = fastconv.winograd_tile(dtype)
@@ -240,6 +242,25 @@ def _(x, grad, skip, upsample):
 
 
 conv3x3.register_autograd(_conv3x3_backward, setup_context=_conv3x3_setup)
+
+
+# ---------------------------------------------------------------- max_pool2x2
+
+
+@torch.library.custom_op("flexunet::max_pool2x2", mutates_args=(), device_types="cpu")
+def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
+    """2x2 max pooling with stride 2 and TensorFlow's 'same' padding (windows clipped at the
+    bottom/right): (N, C, ceil(H / 2), ceil(W / 2)), NaN propagated."""
+    if x.dtype in (torch.float32, torch.bfloat16) and native.available() and (
+            x.dtype == torch.float32 or native.has_bfloat16()):
+        return native.max_pool2x2(x)
+    return F.max_pool2d(x, 2, 2, ceil_mode=True).contiguous(memory_format=CHANNELS_LAST)
+
+
+@max_pool2x2.register_fake
+def _(x):
+    return torch.empty((x.shape[0], x.shape[1], (x.shape[2] + 1) // 2, (x.shape[3] + 1) // 2), dtype=x.dtype,
+                       device=x.device, memory_format=CHANNELS_LAST)
 
 
 # ---------------------------------------------------- conv_transpose_same

@@ -2,9 +2,9 @@
  *
  *   flexunet_winograd_f43        3x3 'same' convolution, Winograd F(4x4, 3x3), float32
  *   flexunet_winograd_f23_bf16   the same with F(2x2, 3x3) and bfloat16 dot products (AVX512-BF16)
- *   flexunet_winograd_f43_bf16io F(4x4, 3x3) in float32 on bfloat16 input and output (narrow layers)
  *   flexunet_direct3x3           3x3 'same' convolution for few input channels (an image's 1-4)
  *   flexunet_winograd_f43_weight_grad, flexunet_upsample2x_adjoint   for the backward pass
+ *   flexunet_max_pool2x2         TensorFlow's 'same' 2x2 max pooling
  *   flexunet_transposed_k3s2     transposed convolution, kernel 3, stride 2, TensorFlow 'same'
  *   flexunet_transposed_k3s2_bf16
  *
@@ -585,6 +585,45 @@ int flexunet_upsample2x_adjoint(const float *g, int n, int hh, int ww, int strid
 }
 
 /* ------------------------------------------------------------------------------------------
+ * 2x2 max pooling, stride 2, TensorFlow 'same' (windows clipped at the bottom/right), channels-
+ * last, float32 or bfloat16 (`bf16`, on AVX512-BF16 builds). NaN propagates, as in torch.
+ *   x    (N, H, W, C)      out  (N, ceil(H / 2), ceil(W / 2), C)
+ */
+static inline v16 max_keep_nan(v16 m, v16 v) {
+    mask16 take = (v > m) | (v != v);
+    return (v16)(((mask16)v & take) | ((mask16)m & ~take));
+}
+
+static inline v16 load_elem_n(const char *p, int n, int bf16);
+static void store_out_n(char *out, int bf16, v16 v, int n);
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+static inline v16 load_bf16_n(const char *p, int n);
+static inline void store_bf16_n(unsigned short *p, v16 v, int n);
+#endif
+
+int flexunet_max_pool2x2(const char *x, int n, int h, int w, int c, char *out, int bf16, int threads) {
+    if (n <= 0 || h <= 0 || w <= 0 || c <= 0) return 1;
+    const int oh = (h + 1) / 2, ow = (w + 1) / 2;
+    const size_t size = bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long item = 0; item < (long)n * oh; item++) {
+        long img = item / oh;
+        int i = item % oh;
+        for (int j = 0; j < ow; j++)
+            for (int cc = 0; cc < c; cc += 16) {
+                int k = c - cc < 16 ? c - cc : 16;
+                v16 m = load_elem_n(x + size * (((size_t)(img * h + 2 * i) * w + 2 * j) * c + cc), k, bf16);
+                for (int dy = 0; dy < 2; dy++)
+                    for (int dx = 0; dx < 2; dx++)
+                        if ((dy || dx) && 2 * i + dy < h && 2 * j + dx < w)
+                            m = max_keep_nan(m, load_elem_n(x + size * (((size_t)(img * h + 2 * i + dy) * w + 2 * j + dx) * c + cc), k, bf16));
+                store_out_n(out + size * ((((size_t)img * oh + i) * ow + j) * c + cc), bf16, m, k);
+            }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------
  * Direct 3x3 'same' convolution for few input channels (an image's 1-4), float32 products,
  * float32 or bfloat16 output. Each register block is MR pixels of a row x one output panel,
  * summed over the nine taps.
@@ -805,33 +844,6 @@ int flexunet_winograd_f23_bf16(const unsigned short *x, int cx, const unsigned s
     return winograd(&in, n, h, w, (const char *)u, bias, (char *)out, cout, relu, threads, &f23);
 }
 
-/* F(4x4, 3x3) in float32 on bfloat16 sources and output: for narrow layers (few channels), where
- * the transforms cost more than the products and F(2x2, 3x3)'s 16 positions per 4 pixels lose
- * to F(4x4, 3x3)'s 36 per 16, only the memory traffic is halved. u as for flexunet_winograd_f43. */
-static inline v16 load_bf16_bytes_n(const char *p, int n) { return load_bf16_n(p, n); }
-
-static void transform_tile_bf16_in(const struct conv_in *in, long img, int h, int w, int y0, int x0, void *v, int r,
-                                   int rows) {
-    transform_tile_from(in, img, h, w, y0, x0, v, r, rows, sizeof(unsigned short), load_bf16_bytes_n);
-}
-
-static inline void store_bf16_bytes(char *p, v16 v, int n) { store_bf16_n((unsigned short *)p, v, n); }
-
-static void output_tile_bf16_out(const float *m, int ldm, int rows, int r, int j, int n, const float *bias, int relu,
-                                 void *out, int h, int w, int cout, int y0, int x0, int col0) {
-    output_tile_to(m, ldm, rows, r, j, n, bias, relu, out, h, w, cout, y0, x0, col0, sizeof(unsigned short),
-                   store_bf16_bytes);
-}
-
-int flexunet_winograd_f43_bf16io(const unsigned short *x, int cx, const unsigned short *skip, int cs, int up, int n,
-                                 int h, int w, const float *u, const float *bias, unsigned short *out, int cout,
-                                 int relu, int threads) {
-    static const struct winograd_kind f43io = {P, TILE, sizeof(float), sizeof(unsigned short),
-                                               transform_tile_bf16_in, micro_taps_n, output_tile_bf16_out};
-    struct conv_in in = conv_input(x, cx, skip, cs, up, h, w, 0);
-    return winograd(&in, n, h, w, (const char *)u, bias, (char *)out, cout, relu, threads, &f43io);
-}
-
 /* The transposed convolution in bfloat16 (layouts as in float32; u in pairs). */
 static void store_row_bf16(void *out, const float *c, const float *bias, int width) {
     for (int q = 0; q < width; q += 16)
@@ -854,10 +866,6 @@ int flexunet_transposed_k3s2_bf16(const void *xp, int n, int h, int w, int cin, 
                                   void *out, int cout, int threads) {
     return 3;
 }
-int flexunet_winograd_f43_bf16io(const void *x, int cx, const void *skip, int cs, int up, int n, int h, int w,
-                                 const void *u, const float *bias, void *out, int cout, int relu, int threads) {
-    return 3;
-}
 #endif
 
 /* The first n lanes of v at out, as float32 or (rounded to nearest even) bfloat16. */
@@ -866,6 +874,10 @@ static void store_out_n(char *out, int bf16, v16 v, int n) {
         store_f32_n((float *)out, v, n);
         return;
     }
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    store_bf16_n((unsigned short *)out, v, n);
+    return;
+#endif
     for (int i = 0; i < n; i++) {
         unsigned int bits;
         memcpy(&bits, (const float *)&v + i, sizeof bits);
@@ -873,4 +885,21 @@ static void store_out_n(char *out, int bf16, v16 v, int n) {
                                                                    : (unsigned short)((bits + 0x7fffu + ((bits >> 16) & 1)) >> 16);
         memcpy(out + 2 * i, &half, sizeof half);
     }
+}
+
+/* The first n lanes at p as float32: float32 or bfloat16 elements. */
+static inline v16 load_elem_n(const char *p, int n, int bf16) {
+    if (!bf16) return load_f32_n(p, n);
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    return load_bf16_n(p, n);
+#endif
+    v16 t = {0};
+    for (int i = 0; i < n; i++) {
+        unsigned short half;
+        unsigned int bits;
+        memcpy(&half, p + 2 * i, sizeof half);
+        bits = (unsigned int)half << 16;
+        memcpy((float *)&t + i, &bits, sizeof bits);
+    }
+    return t;
 }
