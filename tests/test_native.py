@@ -159,8 +159,8 @@ def test_native_winograd_reads_channels_first_input():
 
 
 def test_native_winograd_rejects_what_it_cannot_take():
-    assert native.supports_winograd(torch.float32)
-    assert not native.supports_winograd(torch.float16)
+    assert native.supports_dtype(torch.float32)
+    assert not native.supports_dtype(torch.float16)
     packed = native.transform_kernel(torch.zeros(16, 32, 3, 3), torch.float32)
     skip = torch.zeros(1, 16, 6, 6)
     with pytest.raises(ValueError, match="matching source sizes"):  # x upsampled is 8x8, the skip 6x6

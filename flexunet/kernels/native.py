@@ -197,8 +197,8 @@ def available() -> bool:
     return library() is not None
 
 
-def supports_winograd(dtype: torch.dtype) -> bool:
-    """Whether `winograd_conv3x3` computes in this dtype here (any channel counts)."""
+def supports_dtype(dtype: torch.dtype) -> bool:
+    """Whether the kernels compute in this dtype here (float32; bfloat16 with AVX512-BF16)."""
     return dtype == torch.float32 or (dtype == torch.bfloat16 and has_bfloat16())
 
 
@@ -285,7 +285,7 @@ def winograd_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch
     of the skip, then x's: float32 runs F(4x4, 3x3), bfloat16 F(2x2, 3x3) with
     bfloat16 products accumulated in float32. `relu` rectifies the output. The
     result is (N, out_channels, H, W), channels-last in that dtype; callers check
-    `supports_winograd` first.
+    `supports_dtype` first.
     """
     dtype = packed.dtype
     n, cx, h, w = x.shape
@@ -360,7 +360,8 @@ def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# Input channels up to which `direct_conv3x3` beats Winograd (whose products pad them to 16).
+# Input channels up to which `direct_conv3x3` is used: with so few, the Winograd transforms of every
+# tile would cost more than the products they save.
 DIRECT_MAX_CHANNELS = 4
 
 
@@ -389,7 +390,7 @@ def direct_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.T
 def supports_transposed(dtype: torch.dtype, in_channels: int, out_channels: int, kernel: int, stride: int) -> bool:
     """Whether `transposed_conv_k3s2` handles this layer (SLEAP's default upsampling)."""
     return (kernel == 3 and stride == 2 and in_channels % 16 == 0 and out_channels % 16 == 0
-            and supports_winograd(dtype))
+            and supports_dtype(dtype))
 
 
 def pack_transposed(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -48,6 +48,7 @@ TORCH_WINOGRAD_MIN_CHANNELS = 256
 # 512->512 @16x16 (32 tiles) 26 vs 14 ms, 182->182 @6x6 batch 16 (64 tiles) 3.0 vs 1.8 ms,
 # 16->16 @512x512 batch 2 13.9 vs 11.9 ms.
 NATIVE_WEIGHT_GRAD_MIN_TILES = 128
+NATIVE_WEIGHT_GRAD_MAX_NARROW = 16
 # In bfloat16, layers of at most this many input and output channels (not joined to a skip or an
 # upsampled input) run on oneDNN's direct bfloat16 convolution: there the Winograd transforms cost
 # more than the products, and F(2x2, 3x3) (exact enough in bfloat16) needs 16 products per 4 pixels.
@@ -55,7 +56,6 @@ NATIVE_WEIGHT_GRAD_MIN_TILES = 128
 # 24->24 @192x192 batch 16 20.3 vs 25.3 ms, 32->32 @256x256 batch 2 5.9 vs 6.2 ms; but 36->36
 # @96x96 batch 16 10.9 vs 10.5 ms.
 NARROW_BF16_CHANNELS = 32
-NATIVE_WEIGHT_GRAD_MAX_NARROW = 16
 CHANNELS_LAST = torch.channels_last
 
 
@@ -113,9 +113,6 @@ def _bias(bias: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Te
 
 # ---------------------------------------------------------------- conv3x3
 
-UPSAMPLE_MODES = ("none", "bilinear", "nearest")
-
-
 @torch.library.custom_op("flexunet::conv3x3", mutates_args=(), device_types="cpu")
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype, cache: bool,
             relu: bool = False, skip: Optional[torch.Tensor] = None, upsample: str = "none") -> torch.Tensor:
@@ -140,7 +137,7 @@ def _conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
     joined = skip is not None or upsample != "none"
     narrow_bf16 = (dtype == torch.bfloat16 and max(cin, cout) <= NARROW_BF16_CHANNELS and not joined
                    and cin > native.DIRECT_MAX_CHANNELS)
-    if native.supports_winograd(dtype) and native.available() and not narrow_bf16:  # else oneDNN, below
+    if native.supports_dtype(dtype) and native.available() and not narrow_bf16:  # else oneDNN, below
         if not joined and cin <= native.DIRECT_MAX_CHANNELS:
             packed = _derived(weight, ("direct",), lambda: native.pack_direct(weight), cache)
             return native.direct_conv3x3(x, packed, bias, cout, relu, dtype)
@@ -251,8 +248,7 @@ conv3x3.register_autograd(_conv3x3_backward, setup_context=_conv3x3_setup)
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     """2x2 max pooling with stride 2 and TensorFlow's 'same' padding (windows clipped at the
     bottom/right): (N, C, ceil(H / 2), ceil(W / 2)), NaN propagated."""
-    if x.dtype in (torch.float32, torch.bfloat16) and native.available() and (
-            x.dtype == torch.float32 or native.has_bfloat16()):
+    if native.supports_dtype(x.dtype) and native.available():
         return native.max_pool2x2(x)
     return F.max_pool2d(x, 2, 2, ceil_mode=True).contiguous(memory_format=CHANNELS_LAST)
 

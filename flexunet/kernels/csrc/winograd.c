@@ -172,18 +172,16 @@ static inline void output_1d(const v16 m[6], v16 o[4]) {
     o[3] = d12 + 8.0f * d34 + m[5];
 }
 
-/* V[p][r][0:cin] (float32) for one tile whose top-left input pixel is (y0, x0) (may be -1), from
- * sources of `size`-byte elements read by `ld`. */
-static inline __attribute__((always_inline)) void transform_tile_from(const struct conv_in *in, long img, int h,
-                                                                      int w, int y0, int x0, void *vv, int r,
-                                                                      int rows, size_t size, load_fn ld) {
+/* V[p][r][0:cin] for one tile whose top-left input pixel is (y0, x0) (may be -1). */
+static void transform_tile(const struct conv_in *in, long img, int h, int w, int y0, int x0, void *vv, int r,
+                           int rows) {
     float *v = vv;
     int vc = 0;
     for (int s = 0; s < in->count; s++)
         for (int c = 0; c < in->src[s].channels; c += 16) {
             int n = in->src[s].channels - c < 16 ? in->src[s].channels - c : 16;
             v16 d[A][A], t[A][A];
-            gather(&in->src[s], size, ld, A, img, h, w, y0, x0, c, n, &d[0][0]);
+            gather(&in->src[s], sizeof(float), load_f32_n, A, img, h, w, y0, x0, c, n, &d[0][0]);
             for (int j = 0; j < A; j++) { /* columns */
                 v16 col[A], res[A];
                 for (int i = 0; i < A; i++) col[i] = d[i][j];
@@ -197,11 +195,6 @@ static inline __attribute__((always_inline)) void transform_tile_from(const stru
             }
             vc += n;
         }
-}
-
-static void transform_tile(const struct conv_in *in, long img, int h, int w, int y0, int x0, void *v, int r,
-                           int rows) {
-    transform_tile_from(in, img, h, w, y0, x0, v, r, rows, sizeof(float), load_f32_n);
 }
 
 /* c[MR][16 nv] (rows ldc apart) = sum over taps t of a[t][MR rows, stride k][0:k] @ b[t][0:k][16 nv],
@@ -246,23 +239,16 @@ typedef void (*tile_out_fn)(const float *m, int ldm, int rows, int r, int j, int
 /* One Winograd algorithm: positions per tile, output tile size, element size and its three steps. */
 struct winograd_kind {
     int positions, tile;
-    size_t size, out_size; /* bytes per element of V and U, and of the output */
+    size_t size; /* bytes per element of the input, V, U and the output */
     tile_in_fn in;
     taps_fn micro;
     tile_out_fn out;
 };
 
-typedef void (*store_fn)(char *p, v16 v, int n);
-
-static inline void store_f32_bytes(char *p, v16 v, int n) { store_f32_n((float *)p, v, n); }
-
-/* Output tile from M[p][r][0:ldm] for the 16-channel slice `j` (its first n channels): bias, ReLU,
- * and `st` stores it as elements of `size` bytes. */
-static inline __attribute__((always_inline)) void output_tile_to(const float *m, int ldm, int rows, int r, int j,
-                                                                 int n, const float *bias, int relu, void *outv,
-                                                                 int h, int w, int cout, int y0, int x0, int col0,
-                                                                 size_t size, store_fn st) {
-    char *out = outv;
+/* Output tile from M[p][r][0:ldm] for the 16-channel slice `j` (its first n channels): bias, ReLU, store. */
+static void output_tile(const float *m, int ldm, int rows, int r, int j, int n, const float *bias, int relu,
+                        void *outv, int h, int w, int cout, int y0, int x0, int col0) {
+    float *out = outv;
     v16 t[4][A], o[4][4];
     for (int jj = 0; jj < A; jj++) { /* columns of the 6x6 product */
         v16 col[A], res[4];
@@ -274,12 +260,7 @@ static inline __attribute__((always_inline)) void output_tile_to(const float *m,
     v16 b = bias ? load(bias + col0 + 16 * j) : (v16){0};
     for (int i = 0; i < 4 && y0 + i < h; i++)
         for (int jj = 0; jj < 4 && x0 + jj < w; jj++)
-            st(out + size * (((size_t)(y0 + i) * w + x0 + jj) * cout + col0 + 16 * j), finish(o[i][jj], b, relu), n);
-}
-
-static void output_tile(const float *m, int ldm, int rows, int r, int j, int n, const float *bias, int relu,
-                        void *out, int h, int w, int cout, int y0, int x0, int col0) {
-    output_tile_to(m, ldm, rows, r, j, n, bias, relu, out, h, w, cout, y0, x0, col0, sizeof(float), store_f32_bytes);
+            store_f32_n(out + ((size_t)(y0 + i) * w + x0 + jj) * cout + col0 + 16 * j, finish(o[i][jj], b, relu), n);
 }
 
 /* Image and top-left output pixel of tile t, tiles numbered row by row (th x tw per image). */
@@ -288,6 +269,18 @@ static inline void tile_origin(long t, int th, int tw, int tile, long *img, int 
     int rem = t % ((long)th * tw);
     *y0 = (rem / tw) * tile;
     *x0 = (rem % tw) * tile;
+}
+
+/* A thread's work buffer of `bytes`, zeroed if `zero`; NULL, with *failed set, when out of memory. */
+static void *work_buffer(size_t bytes, int zero, int *failed) {
+    void *p = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!p) {
+#pragma omp atomic write
+        *failed = 1;
+    } else if (zero) {
+        memset(p, 0, bytes);
+    }
+    return p;
 }
 
 static int block_rows(int cin, int positions, size_t size) {
@@ -317,14 +310,8 @@ static int winograd(const struct conv_in *in, int n, int h, int w, const char *u
     int panels = (cout16 + NR - 1) / NR, failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        char *v = aligned_alloc(64, size * np * rows * cin);
-        float *m = aligned_alloc(64, sizeof(float) * np * rows * NR);
-        if (!v || !m) {
-#pragma omp atomic write
-            failed = 1;
-        } else {
-            memset(v, 0, size * np * rows * cin);
-        }
+        char *v = work_buffer(size * np * rows * cin, 1, &failed);
+        float *m = work_buffer(sizeof(float) * np * rows * NR, 0, &failed);
 #pragma omp barrier
         if (!failed) {
 #pragma omp for schedule(dynamic, 1)
@@ -355,7 +342,7 @@ static int winograd(const struct conv_in *in, int n, int h, int w, const char *u
                         for (int j = 0; j < width / 16; j++) {
                             int first = pn * NR + 16 * j, valid = cout - first < 16 ? cout - first : 16;
                             kind->out(m, width, rows, r, j, valid, bias, relu,
-                                      out + kind->out_size * img * h * w * cout, h, w, cout, y0, x0, pn * NR);
+                                      out + size * img * h * w * cout, h, w, cout, y0, x0, pn * NR);
                         }
                     }
                 }
@@ -380,8 +367,7 @@ static struct conv_in conv_input(const void *x, int cx, const void *skip, int cs
 
 int flexunet_winograd_f43(const float *x, int cx, const float *skip, int cs, int up, int n, int h, int w,
                           const float *u, const float *bias, float *out, int cout, int relu, int threads) {
-    static const struct winograd_kind f43 = {P, TILE, sizeof(float), sizeof(float), transform_tile, micro_taps_n,
-                                              output_tile};
+    static const struct winograd_kind f43 = {P, TILE, sizeof(float), transform_tile, micro_taps_n, output_tile};
     struct conv_in in = conv_input(x, cx, skip, cs, up, h, w, 0);
     return winograd(&in, n, h, w, (const char *)u, bias, (char *)out, cout, relu, threads, &f43);
 }
@@ -474,15 +460,8 @@ int flexunet_winograd_f43_weight_grad(const float *x, int cx, const float *skip,
 #pragma omp parallel num_threads(threads)
     {
         /* V rows get MR floats of slack: the last block of input channels reads past Cin. */
-        float *v = aligned_alloc(64, sizeof(float) * ((size_t)P * rows * cin + MR + 16));
-        float *dm = aligned_alloc(64, sizeof(float) * (size_t)P * panels * rows * NR);
-        if (!v || !dm) {
-#pragma omp atomic write
-            failed = 1;
-        } else {
-            memset(v, 0, sizeof(float) * ((size_t)P * rows * cin + MR + 16));
-            memset(dm, 0, sizeof(float) * (size_t)P * panels * rows * NR);
-        }
+        float *v = work_buffer(sizeof(float) * ((size_t)P * rows * cin + MR + 16), 1, &failed);
+        float *dm = work_buffer(sizeof(float) * (size_t)P * panels * rows * NR, 1, &failed);
 #pragma omp barrier
         float *mine = du + (size_t)omp_get_thread_num() * P * cin6 * cout16;
         if (!failed) {
@@ -544,11 +523,7 @@ int flexunet_upsample2x_adjoint(const float *g, int n, int hh, int ww, int strid
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *row = aligned_alloc(64, sizeof(float) * ((size_t)ww * ROUND16(c) + 16));
-        if (!row) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *row = work_buffer(sizeof(float) * (size_t)ww * 16, 0, &failed); /* one 16-channel slice */
 #pragma omp barrier
         if (!failed) {
 #pragma omp for schedule(static)
@@ -837,8 +812,7 @@ static void output_tile_bf16(const float *m, int ldm, int rows, int r, int j, in
 int flexunet_winograd_f23_bf16(const unsigned short *x, int cx, const unsigned short *skip, int cs, int up, int n,
                                int h, int w, const unsigned short *u, const float *bias, unsigned short *out, int cout,
                                int relu, int threads) {
-    static const struct winograd_kind f23 = {P2, 2, sizeof(unsigned short), sizeof(unsigned short),
-                                             transform_tile_bf16, micro_taps_bf16_n,
+    static const struct winograd_kind f23 = {P2, 2, sizeof(unsigned short), transform_tile_bf16, micro_taps_bf16_n,
                                              output_tile_bf16};
     struct conv_in in = conv_input(x, cx, skip, cs, up, h, w, 1);
     return winograd(&in, n, h, w, (const char *)u, bias, (char *)out, cout, relu, threads, &f23);
