@@ -38,6 +38,13 @@ _TRANSFORMS = {
         [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
          [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
         [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]),
+    # F(4, 3), points 0, +-1, 1/2, -2: a third of the rounding error of +-2 when V and U are
+    # rounded to bfloat16, for the native bfloat16 kernel (B^T rows scaled to integers, G's by the inverse).
+    "4-half": ([[2, -3, -4, 3, 2, 0], [0, -2, 1, 5, 2, 0], [0, 2, -5, 1, 2, 0],
+            [0, -2, -1, 2, 1, 0], [0, 1, -2, -1, 2, 0], [0, 2, -3, -4, 3, 2]],
+           [[1 / 2, 0, 0], [1 / 6, 1 / 6, 1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+            [-16 / 15, -8 / 15, -4 / 15], [1 / 30, -1 / 15, 2 / 15], [0, 0, 1 / 2]],
+           [[1, 1, 1, 1, 1, 0], [0, 1, -1, 1 / 2, -2, 0], [0, 1, 1, 1 / 4, 4, 0], [0, 1, -1, 1 / 8, -8, 1]]),
 }
 
 
@@ -48,7 +55,10 @@ def winograd_tile(dtype: torch.dtype) -> int:
 
 @functools.lru_cache(maxsize=None)
 def winograd_matrices(tile: int, dtype: torch.dtype):
-    """Winograd F(tile, 3) 2-D transforms as Kronecker products: input (a*a, a*a), kernel (a*a, 9), output (m*m, a*a)."""
+    """Winograd F(tile, 3) 2-D transforms as Kronecker products: input (a*a, a*a), kernel (a*a, 9), output (m*m, a*a).
+
+    `tile` is 2, 4, or "4-half" (F(4, 3) at the points 0, +-1, 1/2, -2).
+    """
     bt, g, at = (torch.tensor(m, dtype=torch.float64) for m in _TRANSFORMS[tile])
     return tuple(torch.kron(m, m).to(dtype) for m in (bt, g, at))
 

@@ -177,7 +177,7 @@ def library() -> Optional[ctypes.CDLL]:
                 "max_pool2x2": [ptr, i, i, i, i, ptr, i, i],
                 "transposed_k3s2": [ptr, i, i, i, i, ptr, ptr, ptr, i, i],
             }
-            signatures["winograd_f23_bf16"] = signatures["winograd_f43"]
+            signatures["winograd_f43_bf16"] = signatures["winograd_f43"]
             signatures["transposed_k3s2_bf16"] = signatures["transposed_k3s2"]
             for name, args in signatures.items():
                 fn = getattr(lib, f"flexunet_{name}")
@@ -242,14 +242,15 @@ def transform_kernel(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -
     """A (Cout, Cin, 3, 3) weight in Winograd space, padded (`pad_weight`) and packed for
     `winograd_conv3x3` in `dtype`. For a joined input, Cin is the skip's channels then x's.
 
-    float32 uses F(4x4, 3x3) (36 positions), bfloat16 F(2x2, 3x3) (16 positions).
+    Both use F(4x4, 3x3) (36 positions); bfloat16 at the points 0, +-1, 1/2, -2, whose
+    transforms lose less to bfloat16 rounding than float32's 0, +-1, +-2.
     The nine taps are packed first and transformed after (the transform is
     linear per column), which copies a quarter as much.
     """
     bf16 = dtype == torch.bfloat16
     padded = pad_weight(weight.detach().float(), even_inputs=bf16)
     cout, cin = padded.shape[:2]
-    _, gg, _ = fastconv.winograd_matrices(2 if bf16 else 4, torch.float32)
+    _, gg, _ = fastconv.winograd_matrices("4-half" if bf16 else 4, torch.float32)
     taps = pack_kernel(padded.permute(2, 3, 1, 0).reshape(9, cin, cout), pairs=bf16)
     return (gg @ taps).to(dtype)
 
@@ -282,8 +283,8 @@ def winograd_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch
     by 2): the upsampled and concatenated input is formed while tiles are gathered, never stored.
 
     `packed` comes from `transform_kernel(weight, dtype)`, its input channels those
-    of the skip, then x's: float32 runs F(4x4, 3x3), bfloat16 F(2x2, 3x3) with
-    bfloat16 products accumulated in float32. `relu` rectifies the output. The
+    of the skip, then x's: F(4x4, 3x3), in bfloat16 with bfloat16 products
+    accumulated in float32. `relu` rectifies the output. The
     result is (N, out_channels, H, W), channels-last in that dtype; callers check
     `supports_dtype` first.
     """
@@ -300,7 +301,7 @@ def winograd_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch
         skip = skip.to(dtype).contiguous(memory_format=torch.channels_last)
     out = torch.empty((n, out_channels, h * factor, w * factor), dtype=dtype, memory_format=torch.channels_last)
     b = _padded_bias(bias, out_channels)
-    name = "winograd_f43" if dtype == torch.float32 else "winograd_f23_bf16"
+    name = "winograd_f43" if dtype == torch.float32 else "winograd_f43_bf16"
     fn = getattr(library(), f"flexunet_{name}")
     status = fn(x.data_ptr(), cx, None if skip is None else skip.data_ptr(), cs, UPSAMPLING[upsample], n,
                 h * factor, w * factor, packed.data_ptr(), b.data_ptr(), out.data_ptr(), out_channels, int(relu),

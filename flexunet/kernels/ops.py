@@ -51,11 +51,11 @@ NATIVE_WEIGHT_GRAD_MIN_TILES = 128
 NATIVE_WEIGHT_GRAD_MAX_NARROW = 16
 # In bfloat16, layers of at most this many input and output channels (not joined to a skip or an
 # upsampled input) run on oneDNN's direct bfloat16 convolution: there the Winograd transforms cost
-# more than the products, and F(2x2, 3x3) (exact enough in bfloat16) needs 16 products per 4 pixels.
-# Measured, 2 threads, oneDNN + ReLU vs native F(2x2, 3x3): 16->16 @512x512 batch 2 7.3 vs 10.4 ms,
-# 24->24 @192x192 batch 16 20.3 vs 25.3 ms, 32->32 @256x256 batch 2 5.9 vs 6.2 ms; but 36->36
-# @96x96 batch 16 10.9 vs 10.5 ms.
-NARROW_BF16_CHANNELS = 32
+# as much as the products. Measured, 2 threads, whole bf16 autocast UNets with the threshold at
+# 0 / 16 / 24 / 32 (ms): SLEAP baseline.centroid 71.2 / 69.4 / 70.0 / 74.2, large_rf.topdown
+# 71.0 / 69.4 / 71.8 / 72.0, large_rf.single 91.4 / 96.5 / 96.5 / 102.6, sleap-nn bottomup
+# 49.3 / 47.4 / 47.0 / 46.3; the ten profiles of benchmarks/bench_profiles.py within 3% of the best at 16.
+NARROW_BF16_CHANNELS = 16
 CHANNELS_LAST = torch.channels_last
 
 

@@ -1,7 +1,7 @@
 /* Native CPU kernels for channels-last tensors, called from flexunet/kernels/native.py:
  *
  *   flexunet_winograd_f43        3x3 'same' convolution, Winograd F(4x4, 3x3), float32
- *   flexunet_winograd_f23_bf16   the same with F(2x2, 3x3) and bfloat16 dot products (AVX512-BF16)
+ *   flexunet_winograd_f43_bf16   the same with bfloat16 dot products (AVX512-BF16), other points
  *   flexunet_direct3x3           3x3 'same' convolution for few input channels (an image's 1-4)
  *   flexunet_winograd_f43_weight_grad, flexunet_upsample2x_adjoint   for the backward pass
  *   flexunet_max_pool2x2         TensorFlow's 'same' 2x2 max pooling
@@ -154,7 +154,7 @@ static inline __attribute__((always_inline)) void gather(const struct source *s,
 }
 
 /* Rows of B^T applied to six vectors (one column or row of a 6x6 tile). */
-static inline void input_1d(const v16 d[6], v16 r[6]) {
+static inline __attribute__((always_inline)) void input_1d(const v16 d[6], v16 r[6]) {
     r[0] = 4.0f * d[0] - 5.0f * d[2] + d[4];
     r[1] = -4.0f * (d[1] + d[2]) + d[3] + d[4];
     r[2] = 4.0f * (d[1] - d[2]) - d[3] + d[4];
@@ -164,7 +164,7 @@ static inline void input_1d(const v16 d[6], v16 r[6]) {
 }
 
 /* Rows of A^T applied to six vectors. */
-static inline void output_1d(const v16 m[6], v16 o[4]) {
+static inline __attribute__((always_inline)) void output_1d(const v16 m[6], v16 o[4]) {
     v16 s12 = m[1] + m[2], d12 = m[1] - m[2], s34 = m[3] + m[4], d34 = m[3] - m[4];
     o[0] = m[0] + s12 + s34;
     o[1] = d12 + 2.0f * d34;
@@ -172,29 +172,41 @@ static inline void output_1d(const v16 m[6], v16 o[4]) {
     o[3] = d12 + 8.0f * d34 + m[5];
 }
 
-/* V[p][r][0:cin] for one tile whose top-left input pixel is (y0, x0) (may be -1). */
-static void transform_tile(const struct conv_in *in, long img, int h, int w, int y0, int x0, void *vv, int r,
-                           int rows) {
-    float *v = vv;
+typedef void (*store_fn)(char *p, v16 v, int n);
+typedef void (*input_1d_fn)(const v16 d[6], v16 r[6]);
+typedef void (*output_1d_fn)(const v16 m[6], v16 o[4]);
+
+static inline void put_f32_n(char *p, v16 v, int n) { store_f32_n((float *)p, v, n); }
+
+/* V[p][r][0:cin] for one 6x6 tile whose top-left input pixel is (y0, x0) (may be -1): gathered
+ * with `ld`, transformed along columns, then rows, with `in1d`, stored with `st`. */
+static inline __attribute__((always_inline)) void transform_tile6(const struct conv_in *in, size_t size, load_fn ld,
+                                                                  store_fn st, input_1d_fn in1d, long img, int h,
+                                                                  int w, int y0, int x0, char *v, int r, int rows) {
     int vc = 0;
     for (int s = 0; s < in->count; s++)
         for (int c = 0; c < in->src[s].channels; c += 16) {
             int n = in->src[s].channels - c < 16 ? in->src[s].channels - c : 16;
             v16 d[A][A], t[A][A];
-            gather(&in->src[s], sizeof(float), load_f32_n, A, img, h, w, y0, x0, c, n, &d[0][0]);
+            gather(&in->src[s], size, ld, A, img, h, w, y0, x0, c, n, &d[0][0]);
             for (int j = 0; j < A; j++) { /* columns */
                 v16 col[A], res[A];
                 for (int i = 0; i < A; i++) col[i] = d[i][j];
-                input_1d(col, res);
+                in1d(col, res);
                 for (int i = 0; i < A; i++) t[i][j] = res[i];
             }
             for (int i = 0; i < A; i++) { /* rows */
                 v16 res[A];
-                input_1d(t[i], res);
-                for (int j = 0; j < A; j++) store_f32_n(v + ((size_t)(i * A + j) * rows + r) * in->cin + vc, res[j], n);
+                in1d(t[i], res);
+                for (int j = 0; j < A; j++) st(v + size * (((size_t)(i * A + j) * rows + r) * in->cin + vc), res[j], n);
             }
             vc += n;
         }
+}
+
+static void transform_tile(const struct conv_in *in, long img, int h, int w, int y0, int x0, void *v, int r,
+                           int rows) {
+    transform_tile6(in, sizeof(float), load_f32_n, put_f32_n, input_1d, img, h, w, y0, x0, v, r, rows);
 }
 
 /* c[MR][16 nv] (rows ldc apart) = sum over taps t of a[t][MR rows, stride k][0:k] @ b[t][0:k][16 nv],
@@ -245,22 +257,30 @@ struct winograd_kind {
     tile_out_fn out;
 };
 
-/* Output tile from M[p][r][0:ldm] for the 16-channel slice `j` (its first n channels): bias, ReLU, store. */
-static void output_tile(const float *m, int ldm, int rows, int r, int j, int n, const float *bias, int relu,
-                        void *outv, int h, int w, int cout, int y0, int x0, int col0) {
-    float *out = outv;
+/* The 4x4 output tile from M[p][r][0:ldm] (6x6 positions, transformed back with `out1d`) for the
+ * 16-channel slice `j` (its first n channels): bias, ReLU, stored with `st` (elements of `size`). */
+static inline __attribute__((always_inline)) void output_tile6(const float *m, int ldm, int rows, int r, int j, int n,
+                                                               const float *bias, int relu, char *out, size_t size,
+                                                               store_fn st, output_1d_fn out1d, int h, int w,
+                                                               int cout, int y0, int x0, int col0) {
     v16 t[4][A], o[4][4];
     for (int jj = 0; jj < A; jj++) { /* columns of the 6x6 product */
         v16 col[A], res[4];
         for (int i = 0; i < A; i++) col[i] = load(m + ((size_t)(i * A + jj) * rows + r) * ldm + 16 * j);
-        output_1d(col, res);
+        out1d(col, res);
         for (int i = 0; i < 4; i++) t[i][jj] = res[i];
     }
-    for (int i = 0; i < 4; i++) output_1d(t[i], o[i]);
+    for (int i = 0; i < 4; i++) out1d(t[i], o[i]);
     v16 b = bias ? load(bias + col0 + 16 * j) : (v16){0};
     for (int i = 0; i < 4 && y0 + i < h; i++)
         for (int jj = 0; jj < 4 && x0 + jj < w; jj++)
-            store_f32_n(out + ((size_t)(y0 + i) * w + x0 + jj) * cout + col0 + 16 * j, finish(o[i][jj], b, relu), n);
+            st(out + size * (((size_t)(y0 + i) * w + x0 + jj) * cout + col0 + 16 * j), finish(o[i][jj], b, relu), n);
+}
+
+static void output_tile(const float *m, int ldm, int rows, int r, int j, int n, const float *bias, int relu,
+                        void *out, int h, int w, int cout, int y0, int x0, int col0) {
+    output_tile6(m, ldm, rows, r, j, n, bias, relu, out, sizeof(float), put_f32_n, output_1d, h, w, cout, y0, x0,
+                 col0);
 }
 
 /* Image and top-left output pixel of tile t, tiles numbered row by row (th x tw per image). */
@@ -703,19 +723,18 @@ int flexunet_transposed_k3s2(const float *xp, int n, int h, int w, int cin, cons
 }
 
 /* ------------------------------------------------------------------------------------------
- * bfloat16: Winograd F(2x2, 3x3) (coefficients 0, +-1: exact in bfloat16) with the tile and
- * kernel products in bfloat16 pairs (AVX512-BF16 dot products, float32 accumulation). The
- * transforms run in float32; sources, V, U and output are bfloat16, laid out as in float32
- * except u (16, Cin * Cout16): per position, panels of up to 64 output channels, each stored
- * (Cin / 2, width, 2): pairs of consecutive input channels side by side.
+ * bfloat16: Winograd F(4x4, 3x3) with the tile and kernel products in bfloat16 pairs
+ * (AVX512-BF16 dot products, float32 accumulation). The transforms run in float32; sources, V,
+ * U and output are bfloat16, laid out as in float32 except u: per position, panels of up to 64
+ * output channels, each stored (Cin / 2, width, 2), pairs of consecutive input channels side by
+ * side. The interpolation points are 0, +-1, 1/2, -2 instead of float32's 0, +-1, +-2: rounding
+ * V and U to bfloat16 then costs about a third of the error (close to F(2x2, 3x3)'s order, at
+ * 2.25x fewer products per output pixel). B^T's rows are scaled to integers (G's by the inverse).
  */
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 
 int flexunet_has_bf16(void) { return 1; }
-
-#define P2 16
-#define A2 4
 
 static inline v16 load_bf16_n(const char *p, int n) {
     __m256i raw = _mm256_maskz_loadu_epi16((__mmask16)(0xFFFFu >> (16 - n)), p);
@@ -727,30 +746,6 @@ static inline void store_bf16_n(unsigned short *p, v16 v, int n) {
 }
 
 static inline void store_bf16(unsigned short *p, v16 v) { store_bf16_n(p, v, 16); }
-
-static void transform_tile_bf16(const struct conv_in *in, long img, int h, int w, int y0, int x0, void *vv, int r,
-                                int rows) {
-    unsigned short *v = vv;
-    int vc = 0;
-    for (int s = 0; s < in->count; s++)
-        for (int c = 0; c < in->src[s].channels; c += 16) {
-            int n = in->src[s].channels - c < 16 ? in->src[s].channels - c : 16;
-            v16 d[A2][A2], t[A2][A2];
-            gather(&in->src[s], sizeof(unsigned short), load_bf16_n, A2, img, h, w, y0, x0, c, n, &d[0][0]);
-            for (int j = 0; j < A2; j++) { /* columns: rows of B^T */
-                t[0][j] = d[0][j] - d[2][j];
-                t[1][j] = d[1][j] + d[2][j];
-                t[2][j] = d[2][j] - d[1][j];
-                t[3][j] = d[1][j] - d[3][j];
-            }
-            for (int i = 0; i < A2; i++) {
-                v16 res[A2] = {t[i][0] - t[i][2], t[i][1] + t[i][2], t[i][2] - t[i][1], t[i][1] - t[i][3]};
-                for (int j = 0; j < A2; j++)
-                    store_bf16_n(v + ((size_t)(i * A2 + j) * rows + r) * in->cin + vc, res[j], n);
-            }
-            vc += n;
-        }
-}
 
 /* micro_taps in bfloat16: b[t] holds (k / 2, 16 nv, 2) pairs; float32 accumulation. */
 static inline __attribute__((always_inline)) void micro_taps_bf16(const unsigned short *const *a,
@@ -788,34 +783,46 @@ static void micro_taps_bf16_n(const void *const *a, const void *const *b, int nt
     }
 }
 
-static void output_tile_bf16(const float *m, int ldm, int rows, int r, int j, int n, const float *bias, int relu,
-                             void *outv, int h, int w, int cout, int y0, int x0, int col0) {
-    unsigned short *out = outv;
-    v16 mm[A2][A2];
-    for (int i = 0; i < A2; i++)
-        for (int jj = 0; jj < A2; jj++) mm[i][jj] = load(m + ((size_t)(i * A2 + jj) * rows + r) * ldm + 16 * j);
-    v16 t[2][A2], o[2][2];
-    for (int jj = 0; jj < A2; jj++) { /* rows of A^T over the tile's rows */
-        t[0][jj] = mm[0][jj] + mm[1][jj] + mm[2][jj];
-        t[1][jj] = mm[1][jj] - mm[2][jj] - mm[3][jj];
-    }
-    for (int i = 0; i < 2; i++) {
-        o[i][0] = t[i][0] + t[i][1] + t[i][2];
-        o[i][1] = t[i][1] - t[i][2] - t[i][3];
-    }
-    v16 b = bias ? load(bias + col0 + 16 * j) : (v16){0};
-    for (int i = 0; i < 2 && y0 + i < h; i++)
-        for (int jj = 0; jj < 2 && x0 + jj < w; jj++)
-            store_bf16_n(out + ((size_t)(y0 + i) * w + x0 + jj) * cout + col0 + 16 * j, finish(o[i][jj], b, relu), n);
+/* Rows of B^T (points 0, +-1, 1/2, -2; rows scaled to integers) applied to six vectors. */
+static inline __attribute__((always_inline)) void input_1d_half(const v16 d[6], v16 r[6]) {
+    r[0] = 2.0f * (d[0] + d[4]) + 3.0f * (d[3] - d[1]) - 4.0f * d[2];
+    r[1] = 2.0f * (d[4] - d[1]) + d[2] + 5.0f * d[3];
+    r[2] = 2.0f * (d[1] + d[4]) - 5.0f * d[2] + d[3];
+    r[3] = 2.0f * (d[3] - d[1]) - d[2] + d[4];
+    r[4] = d[1] - 2.0f * d[2] - d[3] + 2.0f * d[4];
+    r[5] = 2.0f * (d[1] + d[5]) + 3.0f * (d[4] - d[2]) - 4.0f * d[3];
 }
 
-int flexunet_winograd_f23_bf16(const unsigned short *x, int cx, const unsigned short *skip, int cs, int up, int n,
+/* Rows of A^T (points 0, +-1, 1/2, -2) applied to six vectors. */
+static inline __attribute__((always_inline)) void output_1d_half(const v16 m[6], v16 o[4]) {
+    v16 s12 = m[1] + m[2], d12 = m[1] - m[2];
+    o[0] = m[0] + s12 + m[3] + m[4];
+    o[1] = d12 + 0.5f * m[3] - 2.0f * m[4];
+    o[2] = s12 + 0.25f * m[3] + 4.0f * m[4];
+    o[3] = d12 + 0.125f * m[3] - 8.0f * m[4] + m[5];
+}
+
+static inline void put_bf16_n(char *p, v16 v, int n) { store_bf16_n((unsigned short *)p, v, n); }
+
+static void transform_tile_half(const struct conv_in *in, long img, int h, int w, int y0, int x0, void *v, int r,
+                                int rows) {
+    transform_tile6(in, sizeof(unsigned short), load_bf16_n, put_bf16_n, input_1d_half, img, h, w, y0, x0, v, r,
+                    rows);
+}
+
+static void output_tile_half(const float *m, int ldm, int rows, int r, int j, int n, const float *bias, int relu,
+                             void *out, int h, int w, int cout, int y0, int x0, int col0) {
+    output_tile6(m, ldm, rows, r, j, n, bias, relu, out, sizeof(unsigned short), put_bf16_n, output_1d_half, h, w,
+                 cout, y0, x0, col0);
+}
+
+int flexunet_winograd_f43_bf16(const unsigned short *x, int cx, const unsigned short *skip, int cs, int up, int n,
                                int h, int w, const unsigned short *u, const float *bias, unsigned short *out, int cout,
                                int relu, int threads) {
-    static const struct winograd_kind f23 = {P2, 2, sizeof(unsigned short), transform_tile_bf16, micro_taps_bf16_n,
-                                             output_tile_bf16};
+    static const struct winograd_kind f43_bf16 = {P, TILE, sizeof(unsigned short), transform_tile_half,
+                                                  micro_taps_bf16_n, output_tile_half};
     struct conv_in in = conv_input(x, cx, skip, cs, up, h, w, 1);
-    return winograd(&in, n, h, w, (const char *)u, bias, (char *)out, cout, relu, threads, &f23);
+    return winograd(&in, n, h, w, (const char *)u, bias, (char *)out, cout, relu, threads, &f43_bf16);
 }
 
 /* The transposed convolution in bfloat16 (layouts as in float32; u in pairs). */
@@ -832,7 +839,7 @@ int flexunet_transposed_k3s2_bf16(const unsigned short *xp, int n, int h, int w,
 #else
 int flexunet_has_bf16(void) { return 0; }
 /* Without AVX512-BF16 the bfloat16 entry points refuse (status 3); flexunet_has_bf16 tells callers. */
-int flexunet_winograd_f23_bf16(const void *x, int cx, const void *skip, int cs, int up, int n, int h, int w,
+int flexunet_winograd_f43_bf16(const void *x, int cx, const void *skip, int cs, int up, int n, int h, int w,
                                const void *u, const float *bias, void *out, int cout, int relu, int threads) {
     return 3;
 }
