@@ -620,8 +620,7 @@ int flexunet_max_pool2x2(const char *x, int n, int h, int w, int c, char *out, i
 
 /* ------------------------------------------------------------------------------------------
  * Direct 3x3 'same' convolution for few input channels (an image's 1-4), float32 products,
- * float32 or bfloat16 output. Each register block is MR pixels of a row x one output panel,
- * summed over the nine taps.
+ * float32 or bfloat16 output, one row of one 16-channel group per work item.
  *   xp   (N, H + 2, W + 2 + MR, Cin) float32: the input with one zero row above and below, one
  *        zero column on the left and 1 + MR on the right (so that every read is in bounds)
  *   u    (9, Cin * Cout16): the taps (ty, tx) packed as for the Winograd kernel
@@ -629,33 +628,48 @@ int flexunet_max_pool2x2(const char *x, int n, int h, int w, int c, char *out, i
  */
 static void store_out_n(char *out, int bf16, v16 v, int n);
 
+/* One output row of one 16-channel group: the group's 9 x cin tap vectors held in registers, MR
+ * pixels at a time (independent sums), each pixel's input broadcast from xp. */
+static inline __attribute__((always_inline)) void direct_row(const float *xp, int wp, const float *u, int cout16,
+                                                             int first, const float *bias, int w, char *out,
+                                                             int cout, int relu, int bf16, const int cin) {
+    int pn = first / NR, width = cout16 - pn * NR < NR ? cout16 - pn * NR : NR, lane = first % NR;
+    int count = cout - first < 16 ? cout - first : 16;
+    size_t size = bf16 ? 2 : 4;
+    v16 taps[9][4], b = load(bias + first);
+    for (int t = 0; t < 9; t++)
+        for (int c = 0; c < cin; c++)
+            taps[t][c] = load(u + (size_t)t * cin * cout16 + (size_t)pn * cin * NR + (size_t)c * width + lane);
+    for (int x0 = 0; x0 < w; x0 += MR) {
+        v16 acc[MR];
+        for (int r = 0; r < MR; r++) acc[r] = (v16){0};
+        for (int ty = 0; ty < 3; ty++)
+            for (int tx = 0; tx < 3; tx++)
+                for (int c = 0; c < cin; c++)
+                    for (int r = 0; r < MR; r++)
+                        acc[r] += xp[((size_t)ty * wp + x0 + r + tx) * cin + c] * taps[ty * 3 + tx][c];
+        for (int r = 0; r < MR && x0 + r < w; r++)
+            store_out_n(out + size * ((size_t)(x0 + r) * cout + first), bf16, finish(acc[r], b, relu), count);
+    }
+}
+
 int flexunet_direct3x3(const float *xp, int n, int h, int w, int cin, const float *u, const float *bias,
                        char *out, int cout, int relu, int bf16, int threads) {
-    if (n <= 0 || h <= 0 || w <= 0 || cin <= 0 || cout <= 0) return 1;
-    int wp = w + 2 + MR, blocks = (w + MR - 1) / MR, cout16 = ROUND16(cout), panels = (cout16 + NR - 1) / NR;
+    if (n <= 0 || h <= 0 || w <= 0 || cin <= 0 || cin > 4 || cout <= 0) return 1;
+    int wp = w + 2 + MR, cout16 = ROUND16(cout), groups = cout16 / 16;
     size_t size = bf16 ? 2 : 4;
-    long items = (long)n * h * blocks;
+    long items = (long)n * h * groups;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long item = 0; item < items; item++) {
-        float c[MR * NR] __attribute__((aligned(64)));
-        long img = item / ((long)h * blocks);
-        int rem = item % ((long)h * blocks), y = rem / blocks, x0 = (rem % blocks) * MR;
-        int valid = w - x0 < MR ? w - x0 : MR;
-        for (int pn = 0; pn < panels; pn++) {
-            int width = cout16 - pn * NR < NR ? cout16 - pn * NR : NR;
-            const void *a[9], *b[9];
-            for (int t = 0; t < 9; t++) {
-                a[t] = xp + (((size_t)img * (h + 2) + y + t / 3) * wp + x0 + t % 3) * cin;
-                b[t] = u + (size_t)t * cin * cout16 + (size_t)pn * cin * NR;
-            }
-            micro_taps_n(a, b, 9, cin, c, NR, width / 16);
-            for (int r = 0; r < valid; r++)
-                for (int j = 0; j < width / 16; j++) {
-                    int first = pn * NR + 16 * j, count = cout - first < 16 ? cout - first : 16;
-                    size_t o = (((size_t)img * h + y) * w + x0 + r) * cout + first;
-                    store_out_n(out + size * o, bf16, finish(load(c + r * NR + 16 * j), load(bias + first), relu),
-                                count);
-                }
+        long row = item / groups;
+        int first = 16 * (int)(item % groups);
+        const float *in = xp + (size_t)(row / h * (h + 2) + row % h) * wp * cin; /* rows y .. y + 2 of xp */
+        char *o = out + size * (size_t)row * w * cout;
+        switch (cin) {
+        case 1: direct_row(in, wp, u, cout16, first, bias, w, o, cout, relu, bf16, 1); break;
+        case 2: direct_row(in, wp, u, cout16, first, bias, w, o, cout, relu, bf16, 2); break;
+        case 3: direct_row(in, wp, u, cout16, first, bias, w, o, cout, relu, bf16, 3); break;
+        default: direct_row(in, wp, u, cout16, first, bias, w, o, cout, relu, bf16, 4); break;
         }
     }
     return 0;
