@@ -94,7 +94,7 @@ def test_native_winograd_forms_the_upsampled_concatenation_while_reading(n, cs, 
     assert float((y.double() - ref).abs().max() / ref.abs().max()) < (BF16_WINOGRAD if dtype == torch.bfloat16 else 1e-5)
 
 
-@pytest.mark.parametrize("cin", [1, 3, 4])
+@pytest.mark.parametrize("cin", [1, 2, 3, 4])
 @pytest.mark.parametrize("cout", [16, 24, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_direct_kernel_for_few_input_channels(cin, cout, dtype):
