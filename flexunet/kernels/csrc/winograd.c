@@ -18,11 +18,11 @@
  * Channel counts need not be multiples of 16: channels are loaded and stored into V with
  * masks, packed tight (the products sum over exactly Cin), and output channels are stored
  * masked, so any count runs without copies.
- * All products go through one register-blocked microkernel per element type (MR pixels x up
- * to 64 channels, summed over kernel taps). Built at first use with -O3 -march=native; GCC
- * vector extensions map the 16-float vectors onto AVX-512 or pairs of AVX2 registers. Entry
- * points return 0, or 1 for shapes they do not take, 2 when out of memory, 3 for bfloat16
- * without AVX512-BF16.
+ * The Winograd and transposed products go through one register-blocked microkernel per
+ * element type (MR pixels x up to 64 channels, summed over kernel taps). Built at first use
+ * with -O3 -march=native; GCC vector extensions map the 16-float vectors onto AVX-512 or
+ * pairs of AVX2 registers. Entry points return 0, or 1 for shapes they do not take, 2 when out
+ * of memory, 3 for bfloat16 without AVX512-BF16.
  *
  * Float32 Winograd layouts:
  *   x    (N, h, w, Cx)              upsampled: h = H / 2, w = W / 2; else h = H, w = W
