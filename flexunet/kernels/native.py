@@ -368,7 +368,7 @@ DIRECT_MAX_CHANNELS = 4
 
 def pack_direct(weight: torch.Tensor) -> torch.Tensor:
     """A (Cout, Cin, 3, 3) weight packed for `direct_conv3x3`: float32 taps, Cout padded to 16."""
-    padded = F.pad(weight.detach().float(), (0, 0, 0, 0, 0, 0, 0, round16(weight.shape[0]) - weight.shape[0]))
+    padded = pad_weight(weight.detach().float())
     return pack_kernel(padded.permute(2, 3, 1, 0).reshape(9, weight.shape[1], -1))
 
 

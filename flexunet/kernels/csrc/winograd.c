@@ -95,37 +95,18 @@ struct conv_in {
 
 typedef v16 (*load_fn)(const char *p, int n);
 
-/* Channels c..c+n-1 of source `s` at output pixel (y, x) of image `img` (inside the image). */
-static inline __attribute__((always_inline)) v16 fetch(const struct source *s, size_t size, load_fn ld, long img,
-                                                       int y, int x, int c, int n) {
-    const char *base = s->data + size * ((size_t)img * s->hs * s->ws * s->channels + c);
-#define AT(yy, xx) ld(base + size * (((size_t)(yy) * s->ws + (xx)) * s->channels), n)
-    if (s->up == 0) return AT(y, x);
-    if (s->up == 2) return AT(y >> 1, x >> 1);
-    /* Output pixel 2i samples source rows (i - 1, i) with weights (1/4, 3/4); 2i + 1 rows (i, i + 1)
-     * with (3/4, 1/4); rows outside the source are clamped to its edge. */
-    int ya = (y - 1) >> 1, xa = (x - 1) >> 1, yb = ya + 1, xb = xa + 1;
-    float wy = (y & 1) ? 0.75f : 0.25f, wx = (x & 1) ? 0.75f : 0.25f;
-    if (ya < 0) ya = 0;
-    if (xa < 0) xa = 0;
-    if (yb >= s->hs) yb = s->hs - 1;
-    if (xb >= s->ws) xb = s->ws - 1;
-    v16 top = wx * AT(ya, xa) + (1.0f - wx) * AT(ya, xb);
-    v16 bottom = wx * AT(yb, xa) + (1.0f - wx) * AT(yb, xb);
-    return wy * top + (1.0f - wy) * bottom;
-#undef AT
-}
-
 /* The a x a input pixels (channels c..c+n-1 of source s, zero after) of a tile with top-left
  * pixel (y0, x0) of image `img`, zero outside the h x w output. Tiles start at odd pixels
  * (y0 = tile * k - 1), so a bilinear source is read once per tile: its a / 2 + 1 rows and
- * columns around the tile, interpolated along rows, then along columns. */
+ * columns around the tile, interpolated along rows, then along columns (output pixel 2i
+ * samples source pixels i - 1 and i with weights 1/4 and 3/4, pixel 2i + 1 samples i and i + 1
+ * with 3/4 and 1/4; neighbours outside the source are clamped to its edge). */
 static inline __attribute__((always_inline)) void gather(const struct source *s, size_t size, load_fn ld, int a,
                                                          long img, int h, int w, int y0, int x0, int c, int n,
                                                          v16 *d) {
+    const char *base = s->data + size * ((size_t)img * s->hs * s->ws * s->channels + c); /* pixel (0, 0) */
     if (s->up == 1) {
         const int l = a / 2 + 1, ly = (y0 - 1) >> 1, lx = (x0 - 1) >> 1;
-        const char *base = s->data + size * ((size_t)img * s->hs * s->ws * s->channels + c);
         v16 lo[4][4], row[4][6];
         for (int r = 0; r < l; r++) {
             int yy = ly + r < 0 ? 0 : (ly + r >= s->hs ? s->hs - 1 : ly + r);
@@ -146,22 +127,18 @@ static inline __attribute__((always_inline)) void gather(const struct source *s,
             }
         return;
     }
-    if (s->up == 0) { /* row pointers and column bounds once per tile: the loads unrolled */
-        const char *base = s->data + size * ((size_t)img * s->hs * s->ws * s->channels + c);
-        const int jlo = x0 < 0 ? -x0 : 0, jhi = w - x0 < a ? w - x0 : a;
-        for (int i = 0; i < a; i++) {
-            int inside = y0 + i >= 0 && y0 + i < h;
-            const char *row = inside ? base + size * ((size_t)(y0 + i) * s->ws + x0) * s->channels : base;
-            for (int j = 0; j < a; j++)
-                d[i * a + j] = inside && j >= jlo && j < jhi ? ld(row + size * (size_t)j * s->channels, n) : (v16){0};
-        }
-        return;
+    /* Same size (up 0) or nearest (up 2, source pixel = output pixel / 2): row pointers and column
+     * bounds once per tile, the loads unrolled. */
+    const int shift = s->up == 2;
+    const int jlo = x0 < 0 ? -x0 : 0, jhi = w - x0 < a ? w - x0 : a;
+    for (int i = 0; i < a; i++) {
+        int inside = y0 + i >= 0 && y0 + i < h;
+        const char *row = inside ? base + size * (size_t)((y0 + i) >> shift) * s->ws * s->channels : base;
+        for (int j = 0; j < a; j++)
+            d[i * a + j] = inside && j >= jlo && j < jhi
+                               ? ld(row + size * (size_t)((x0 + j) >> shift) * s->channels, n)
+                               : (v16){0};
     }
-    for (int i = 0; i < a; i++)
-        for (int j = 0; j < a; j++) {
-            int y = y0 + i, xx = x0 + j;
-            d[i * a + j] = (y >= 0 && y < h && xx >= 0 && xx < w) ? fetch(s, size, ld, img, y, xx, c, n) : (v16){0};
-        }
 }
 
 /* Rows of B^T applied to six vectors (one column or row of a 6x6 tile). */
