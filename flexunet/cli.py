@@ -31,7 +31,7 @@ def _model_for_summary(config: Optional[str], input_shape: Optional[list[int]]):
     if config is None:
         return UNet(in_channels=channels or 1)
     from flexunet.config_files import model_from_config_file
-    from flexunet.sleap import KERAS_FILES, SLEAP_NN_FILES
+    from flexunet.folders import KERAS_FILES, SLEAP_NN_FILES
 
     path = os.path.abspath(config)
     # A model folder, or the training config inside one with its weights: they say the input channels.
@@ -50,7 +50,7 @@ def _model_for_summary(config: Optional[str], input_shape: Optional[list[int]]):
 def _load_folder(folder: str):
     """A SLEAP (Keras or sleap-nn) model folder, or a flexunet directory."""
     from flexunet.serialization import load
-    from flexunet.sleap import folder_kind, load_model
+    from flexunet.folders import folder_kind, load_model
 
     return load_model(folder) if folder_kind(folder) is not None else load(folder)
 

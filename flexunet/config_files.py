@@ -11,7 +11,7 @@ from torch import nn
 from flexunet.config import UNetConfig
 from flexunet.config_tree import read_json
 from flexunet.serialization import model_from_config
-from flexunet.sleap import model_from_training_config
+from flexunet.keras_folder import model_from_training_config
 from flexunet.sleap_nn import model_from_sleap_nn_config, read_yaml
 from flexunet.unet import UNet
 

@@ -12,9 +12,10 @@ LAYERS = {
     "kernels": 0,  # operators and their CPU implementations: torch only
     "validation": 1, "layers": 1, "blocks": 1, "encoder_decoder": 1, "unet": 1, "config": 1, "heads": 1,
     "sleap_model": 1,  # the model, TensorFlow-exact
-    "config_tree": 2, "h5_reader": 2, "keras": 2, "checkpoint": 2, "sleap": 2, "sleap_nn": 2,
-    "serialization": 2, "config_files": 2,  # files: Keras, SLEAP, sleap-nn, the native format
-    "export": 3, "summary": 3, "inference": 3, "cli": 3, "__init__": 3, "__main__": 3,  # on top
+    "config_tree": 2, "h5_reader": 2, "keras": 2, "checkpoint": 2, "keras_folder": 2, "sleap_nn": 2,
+    "folders": 2, "serialization": 2, "config_files": 2,  # files: Keras, SLEAP, sleap-nn, the native format
+    "export": 3, "summary": 3, "inference": 3, "predict": 3, "sleap": 3, "cli": 3, "__init__": 3,
+    "__main__": 3,  # on top
 }
 LAYER_NAMES = ["kernel", "model", "file", "top"]
 
