@@ -2,6 +2,7 @@
 
     flexunet summary [--config FILE] [--input-shape H W C]
     flexunet convert MODEL_DIR OUT
+    flexunet predict VIDEO -m MODEL [-m MODEL] -o OUT.slp [--frames 0-7] [...]
 
 Errors print one line on stderr and exit with status 2; `--debug` shows the traceback.
 """
@@ -91,6 +92,34 @@ def _convert(args: argparse.Namespace) -> None:
           f"over outputs {', '.join(expected)}")
 
 
+def _predict(args: argparse.Namespace) -> None:
+    import time
+
+    from flexunet.predict.predictor import load_predictor
+    from flexunet.predict.video import open_video, parse_frames, predict_video, save_slp
+
+    if not args.out.lower().endswith(".slp"):
+        raise ValueError(f"-o/--output must name a .slp file, got {args.out!r}.")
+    video = open_video(args.video)
+    frames = parse_frames(args.frames, int(video.shape[0]))
+    threshold = args.peak_threshold[0] if len(args.peak_threshold) == 1 else tuple(args.peak_threshold)
+    predictor = load_predictor(args.model, peak_threshold=threshold, max_instances=args.max_instances,
+                               integral_refinement=None if args.integral_refinement == "none" else "integral",
+                               batch_size=args.batch_size, bf16=args.bf16)
+    progress = not args.no_progress and sys.stderr.isatty() and len(frames) > args.batch_size
+    start = time.perf_counter()
+    predictions = predict_video(predictor, video, frames, progress=progress)
+    seconds = time.perf_counter() - start
+    from flexunet import __version__
+
+    save_slp(predictions, video, args.out, provenance={
+        "flexunet_version": __version__, "model_paths": [os.path.abspath(m) for m in args.model],
+        "model_type": predictor.model_type, "frames": len(frames), "batch_size": args.batch_size,
+        "bf16": args.bf16, "inference_runtime_seconds": seconds})
+    print(f"wrote {int(predictions.instance_counts.sum())} instances in {len(frames)} frames to {args.out} "
+          f"({len(frames) / seconds:.1f} frames/s, {predictor.model_type})")
+
+
 def _as_dict(output) -> dict:
     if isinstance(output, dict):
         return output
@@ -103,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `flexunet` command."""
     parser = argparse.ArgumentParser(
         prog="flexunet",
-        description="SLEAP's generalized UNet in PyTorch: inspect, convert and export models.",
+        description="SLEAP's generalized UNet in PyTorch: inspect, convert and export models, predict poses.",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors (default: off)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -135,6 +164,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback on errors (default: off)")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser(
+        "predict", help="predict poses in a video with SLEAP models and write a .slp file",
+        description="Run one SLEAP model folder (single instance, centroid, bottom-up, multi-class bottom-up) or "
+        "two (centroid + centered instance or multi-class top-down), Keras or sleap-nn, on a video and "
+        "write the poses as a SLEAP .slp file (sleap-io), decoded as sleap-nn decodes them.",
+    )
+    p.add_argument("video", metavar="VIDEO", help="a video sleap-io can read (mp4, avi, ...)")
+    p.add_argument("-m", "--model", action="append", required=True, metavar="MODEL",
+                   help="a model folder; give two for top-down (centroid + centered instance)")
+    p.add_argument("-o", "--output", dest="out", required=True, metavar="OUT.slp", help="the .slp file to write")
+    p.add_argument("--frames", default=None, metavar="RANGE",
+                   help="frames to predict: 0-7, 12 or 0,5,10-20, inclusive (default: all)")
+    p.add_argument("--batch-size", type=int, default=4, help="frames per network call (default: 4)")
+    p.add_argument("--peak-threshold", type=float, nargs="+", default=[0.2], metavar="T",
+                   help="minimum peak confidence; two values set the centroid and instance stages apart "
+                   "(default: 0.2)")
+    p.add_argument("--max-instances", type=int, default=None, help="at most this many instances per frame "
+                   "(default: no limit)")
+    p.add_argument("--integral-refinement", choices=("integral", "none"), default="integral",
+                   help="sub-pixel peak refinement (default: integral)")
+    p.add_argument("--bf16", action="store_true", help="run the networks in bfloat16 (default: float32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback on errors (default: off)")
+    p.set_defaults(func=_predict)
     return parser
 
 

@@ -77,17 +77,20 @@ class Options:
     min_line_scores: float = 0.25
 
 
-def _options(peak_threshold, integral_refinement, integral_patch_size, max_instances, batch_size,
-             **paf_knobs) -> Options:
+def _options(peak_threshold, centroid_threshold, keypoint_threshold, integral_refinement, integral_patch_size,
+             max_instances, batch_size, **paf_knobs) -> Options:
     if isinstance(peak_threshold, (list, tuple)):
         if len(peak_threshold) != 2:
             raise ValueError(f"peak_threshold must be a number or a (centroid, instance) pair, got {peak_threshold!r}.")
-        thresholds = tuple(peak_threshold)
+        thresholds = list(peak_threshold)
     else:
-        thresholds = (peak_threshold, peak_threshold)
-    for value in thresholds:
+        thresholds = [peak_threshold, peak_threshold]
+    for i, override in enumerate((centroid_threshold, keypoint_threshold)):
+        if override is not None:
+            thresholds[i] = override
+    for name, value in zip(("peak_threshold", "peak_threshold"), thresholds):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"peak_threshold must be a finite number, got {peak_threshold!r}.")
+            raise ValueError(f"{name} must be a finite number, got {value!r}.")
     if integral_refinement == "none":
         integral_refinement = None
     if integral_refinement not in REFINEMENTS:
@@ -387,6 +390,7 @@ def _pair(infos: list[ModelInfo]) -> list[int]:
 
 
 def load_predictor(folders, peak_threshold: float | tuple[float, float] = 0.2,
+                   centroid_threshold: Optional[float] = None, keypoint_threshold: Optional[float] = None,
                    integral_refinement: Optional[str] = "integral", integral_patch_size: int = 5,
                    max_instances: Optional[int] = None, max_edge_length_ratio: float = 0.25,
                    dist_penalty_weight: float = 1.0, n_points: int = 10, min_instance_peaks: int | float = 0,
@@ -401,7 +405,9 @@ def load_predictor(folders, peak_threshold: float | tuple[float, float] = 0.2,
             multi-class top-down model, in any order).
         peak_threshold: Minimum confidence of a peak; a (centroid, instance) pair
             sets the two top-down stages apart.
-        integral_refinement: "integral" (sub-pixel refinement) or None.
+        centroid_threshold: Top-down: the centroid stage's threshold instead.
+        keypoint_threshold: Top-down: the centered-instance stage's threshold instead.
+        integral_refinement: "integral" (sub-pixel refinement) or None (also "none").
         integral_patch_size: Side of the refinement window.
         max_instances: At most this many instances per frame (the highest scoring).
         max_edge_length_ratio, dist_penalty_weight, n_points, min_instance_peaks,
@@ -416,7 +422,7 @@ def load_predictor(folders, peak_threshold: float | tuple[float, float] = 0.2,
         FileNotFoundError: a folder or one of its files is missing.
         ValueError: the folders do not pair, a config or option is invalid.
     """
-    options = _options(peak_threshold, integral_refinement, integral_patch_size, max_instances, batch_size,
+    options = _options(peak_threshold, centroid_threshold, keypoint_threshold, integral_refinement, integral_patch_size, max_instances, batch_size,
                        max_edge_length_ratio=max_edge_length_ratio, dist_penalty_weight=dist_penalty_weight,
                        n_points=n_points, min_instance_peaks=min_instance_peaks, min_line_scores=min_line_scores)
     if not isinstance(bf16, bool):
