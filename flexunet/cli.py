@@ -57,6 +57,10 @@ def _load_folder(folder: str):
 
 
 def _convert(args: argparse.Namespace) -> None:
+    if args.keypoints:
+        return _convert_keypoints(args)
+    if args.second_model or args.frame_shape or args.max_instances is not None:
+        raise ValueError("--with, --frame-shape and --max-instances go with --keypoints.")
     import torch
 
     from flexunet.export import export_onnx
@@ -90,6 +94,31 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {kind} model to {args.out}")
     print(f"verified on a random {tuple(x.shape)} input: largest difference {worst:.3g} "
           f"over outputs {', '.join(expected)}")
+
+
+def _convert_keypoints(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from flexunet.predict.export import export_keypoints_onnx, load_onnx_predictor
+    from flexunet.predict.predictor import load_predictor
+
+    if not args.out.lower().endswith(".onnx"):
+        raise ValueError(f"--keypoints writes an ONNX file: OUT must end in .onnx, got {args.out!r}.")
+    if args.frame_shape is None:
+        raise ValueError("--keypoints needs --frame-shape H W C (the graph is built for one frame size).")
+    folders = [args.model_dir] + ([args.second_model] if args.second_model else [])
+    predictor = load_predictor(folders, max_instances=args.max_instances)
+    export_keypoints_onnx(predictor, args.out, args.frame_shape, max_instances=args.max_instances)
+    frames = np.random.default_rng(0).integers(0, 256, (2, *args.frame_shape), dtype=np.uint8)
+    expected, got = predictor(frames), load_onnx_predictor(args.out)(frames)
+    same = np.array_equal(expected.instance_counts, got.instance_counts) and np.allclose(
+        expected.points, got.points, atol=1e-3, equal_nan=True)
+    if not same:
+        raise ValueError(f"the exported graph disagrees with the PyTorch predictor on random frames; {args.out} "
+                         "was written but should not be used.")
+    print(f"wrote ONNX keypoint model ({predictor.model_type}) to {args.out}")
+    print(f"verified on random {tuple(frames.shape)} frames: {int(got.instance_counts.sum())} instances, "
+          "same as the PyTorch predictor")
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -161,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="SLEAP or sleap-nn model folder, or flexunet model directory")
     p.add_argument("out", metavar="OUT", help="output directory, or a file ending in .onnx")
+    p.add_argument("--keypoints", action="store_true",
+                   help="export the decoding too: uint8 frames in, keypoints and scores out (ONNX only; "
+                   "default: the network's raw outputs)")
+    p.add_argument("--with", dest="second_model", metavar="MODEL_DIR2", default=None,
+                   help="with --keypoints: the centered-instance model of a top-down pair (default: none)")
+    p.add_argument("--frame-shape", nargs=3, type=int, metavar=("H", "W", "C"), default=None,
+                   help="with --keypoints: the frames' height, width and channels (required there)")
+    p.add_argument("--max-instances", type=int, default=None,
+                   help="with --keypoints: instance slots per frame (required for centroid and top-down models)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback on errors (default: off)")
     p.set_defaults(func=_convert)

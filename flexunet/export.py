@@ -67,23 +67,38 @@ def output_names(model: nn.Module) -> list[str]:
     return ["output"] if stacks == 1 else [f"output_{i}" for i in range(stacks)]
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,
-                opset_version: int | None = None) -> str:
+def export_onnx(model: Any, path: str | os.PathLike, example_input: torch.Tensor,
+                opset_version: int | None = None, **keypoint_options: Any) -> str:
     """Write `model` as an ONNX file with dynamic batch, height and width.
 
     Height and width must be multiples of the model's maximum stride (at least two
     of them) at run time. Needs the `export` extra (`onnx`, `onnxscript`).
 
+    A `Predictor` (`flexunet.sleap.load_predictor`) is exported with its decoding in
+    the graph: uint8 frames in, keypoints and scores out, for frames shaped like
+    `example_input` (N, H, W, C); see `flexunet.predict.export.export_keypoints_onnx`,
+    which takes `keypoint_options` (`max_instances`, `max_peaks`).
+
     Args:
         model: A flexunet model (`UNet` or `SleapModel`); it is exported in its
-            current mode, so call `.eval()` first.
+            current mode, so call `.eval()` first. Or a `Predictor`.
         path: Output `.onnx` file.
-        example_input: (N, C, H, W) float input used for tracing.
+        example_input: (N, C, H, W) float input used for tracing (a predictor:
+            uint8 frames (N, H, W, C)).
         opset_version: ONNX opset, or None for the exporter's default.
 
     Returns:
         The path written.
     """
+    from flexunet.predict.predictor import Predictor
+
+    if isinstance(model, Predictor):
+        from flexunet.predict.export import export_keypoints_onnx
+
+        return export_keypoints_onnx(model, path, tuple(example_input.shape[-3:]), opset_version=opset_version,
+                                     **keypoint_options)
+    if keypoint_options:
+        raise TypeError(f"export_onnx takes {', '.join(keypoint_options)} only for predictors.")
     path = os.fspath(path)
     program = export_program(model, example_input)
     kwargs = {} if opset_version is None else {"opset_version": opset_version}

@@ -13,25 +13,31 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 
-def classify_peaks(class_maps: torch.Tensor, points: torch.Tensor, values: torch.Tensor, sample: torch.Tensor,
-                   channel: torch.Tensor, n_nodes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def peak_class_probabilities(class_maps: torch.Tensor, points: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """(n, classes) class-map values at the nearest pixel of each peak (`points` (n, 2) in class-map pixels)."""
+    _, _, h, w = class_maps.shape
+    rows = torch.round(points[:, 1]).to(torch.int64).clamp(0, h - 1)
+    cols = torch.round(points[:, 0]).to(torch.int64).clamp(0, w - 1)
+    return class_maps[sample, :, rows, cols]
+
+
+def group_by_class(probs: torch.Tensor, points: torch.Tensor, values: torch.Tensor, sample: torch.Tensor,
+                   channel: torch.Tensor, n_frames: int, n_nodes: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor]:
     """Group peaks into one instance per class.
 
     Args:
-        class_maps: (N, classes, H, W).
-        points: (n, 2) peaks in class-map pixels; values (n,); sample, channel (n,).
-        n_nodes: Nodes per instance.
+        probs: (n, classes) class probabilities of the peaks (`peak_class_probabilities`).
+        points: (n, 2) peaks; values (n,); sample, channel (n,).
+        n_frames, n_nodes: Frames of the batch and nodes per instance.
 
     Returns:
-        `(instances, point_scores, class_scores)`: (N, classes, nodes, 2) in class-map
-        pixels, (N, classes, nodes) peak values and (N, classes, nodes) class
-        probabilities, NaN where a class has no peak of a node. A peak is kept only
-        where its assigned class is also its most probable one.
+        `(instances, point_scores, class_scores)`: (N, classes, nodes, 2) in the
+        points' pixels, (N, classes, nodes) peak values and class probabilities, NaN
+        where a class has no peak of a node. A peak is kept only where its assigned
+        class is also its most probable one.
     """
-    n, classes, h, w = class_maps.shape
-    rows = torch.round(points[:, 1]).to(torch.int64).clamp(0, h - 1)
-    cols = torch.round(points[:, 0]).to(torch.int64).clamp(0, w - 1)
-    probs = class_maps[sample, :, rows, cols]  # (n, classes)
+    classes = probs.shape[1]
     picked, assigned = [], []
     probs_np = probs.detach().cpu().numpy()
     key = (sample * n_nodes + channel).cpu().numpy()
@@ -40,12 +46,12 @@ def classify_peaks(class_maps: torch.Tensor, points: torch.Tensor, values: torch
         r, c = linear_sum_assignment(-probs_np[members])
         picked.append(members[r])
         assigned.append(c)
-    instances = torch.full((n, classes, n_nodes, 2), float("nan"), device=class_maps.device)
-    point_scores = torch.full((n, classes, n_nodes), float("nan"), device=class_maps.device)
-    class_scores = torch.full((n, classes, n_nodes), float("nan"), device=class_maps.device)
+    instances = torch.full((n_frames, classes, n_nodes, 2), float("nan"))
+    point_scores = torch.full((n_frames, classes, n_nodes), float("nan"))
+    class_scores = torch.full((n_frames, classes, n_nodes), float("nan"))
     if picked:
-        peak = torch.as_tensor(np.concatenate(picked), device=probs.device)
-        cls = torch.as_tensor(np.concatenate(assigned), device=probs.device)
+        peak = torch.as_tensor(np.concatenate(picked))
+        cls = torch.as_tensor(np.concatenate(assigned))
         best = probs[peak, cls] == probs[peak].max(dim=1).values
         peak, cls = peak[best], cls[best]
         s, c = sample[peak], channel[peak]
@@ -71,4 +77,4 @@ def classify_crops(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return classes, probs
 
 
-__all__ = ["classify_crops", "classify_peaks"]
+__all__ = ["classify_crops", "group_by_class", "peak_class_probabilities"]

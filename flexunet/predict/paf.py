@@ -93,34 +93,41 @@ def candidates(grouping: PAFGrouping, sample: torch.Tensor, channel: torch.Tenso
     return Candidates(*(torch.cat(t) if t else empty for t in (edge, src, dst)))
 
 
-def line_scores(grouping: PAFGrouping, pafs: torch.Tensor, points: torch.Tensor, sample: torch.Tensor,
-                found: Candidates) -> torch.Tensor:
-    """Scores (m,) of the candidates: PAF agreement along each segment plus the length penalty.
+def segment_scores(grouping: PAFGrouping, pafs: torch.Tensor, frame: torch.Tensor, edge: torch.Tensor,
+                   src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Line scores (m,) of segments `src` -> `dst` (m, 2) in input pixels, read from `pafs[frame]`, edge `edge`.
 
-    Args:
-        pafs: (N, 2 * edges, H, W) part affinity fields.
-        points: (n, 2) peaks in input pixels (confidence-map peaks times their stride).
-        sample: (n,) frame of each peak.
+    The PAF vector is read at the nearest pixel of `n_points` samples along each
+    segment and dotted with the segment's direction; the mean gets the length penalty.
     """
     _, channels, h, w = pafs.shape
-    src, dst = points[found.src], points[found.dst]  # (m, 2)
-    t = torch.linspace(0, 1, grouping.n_points, device=points.device)
+    t = torch.linspace(0, 1, grouping.n_points, device=src.device)
     # Linear interpolation as sleap-nn's interp1d computes it (slope over 1 + eps).
     slope = (dst - src) / (1 + torch.finfo(torch.float32).eps)
     line = src[:, None, :] + slope[:, None, :] * t[None, :, None]  # (m, P, 2) x/y
     pixels = (line / grouping.pafs_stride).round().int()
     cols = pixels[..., 0].clamp(0, w - 1).long()
     rows = pixels[..., 1].clamp(0, h - 1).long()
-    frame = sample[found.src][:, None]
-    vectors = torch.stack([pafs[frame, 2 * found.edge[:, None], rows, cols],
-                           pafs[frame, 2 * found.edge[:, None] + 1, rows, cols]], dim=-1)  # (m, P, 2)
+    frame, x_channel = frame[:, None], 2 * edge[:, None]
+    vectors = torch.stack([pafs[frame, x_channel, rows, cols], pafs[frame, x_channel + 1, rows, cols]], dim=-1)
     delta = dst - src
     length = torch.norm(delta, dim=1, keepdim=True)  # (m, 1)
-    direction = delta / length
-    along = torch.squeeze(vectors @ direction.unsqueeze(2), dim=-1)  # (m, P)
+    along = torch.squeeze(vectors @ (delta / length).unsqueeze(2), dim=-1)  # (m, P)
     max_length = grouping.max_edge_length_ratio * max(h, w, channels) * grouping.pafs_stride
     penalty = torch.clamp(max_length / length - 1, max=0) * grouping.dist_penalty_weight
     return along.mean(dim=1) + penalty[:, 0]
+
+
+def line_scores(grouping: PAFGrouping, pafs: torch.Tensor, points: torch.Tensor, sample: torch.Tensor,
+                found: Candidates) -> torch.Tensor:
+    """Scores (m,) of the candidates (see `segment_scores`).
+
+    Args:
+        pafs: (N, 2 * edges, H, W) part affinity fields.
+        points: (n, 2) peaks in input pixels (confidence-map peaks times their stride).
+        sample: (n,) frame of each peak.
+    """
+    return segment_scores(grouping, pafs, sample[found.src], found.edge, points[found.src], points[found.dst])
 
 
 def _match(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -213,4 +220,4 @@ def group(grouping: PAFGrouping, points: np.ndarray, values: np.ndarray, channel
     return instances, point_scores, instance_scores
 
 
-__all__ = ["Candidates", "PAFGrouping", "candidates", "group", "line_scores"]
+__all__ = ["Candidates", "PAFGrouping", "candidates", "group", "line_scores", "segment_scores"]

@@ -74,7 +74,7 @@ def _check(refinement: Optional[str], patch: int) -> None:
 
 def global_peaks(maps: torch.Tensor, threshold: float = 0.2, refinement: Optional[str] = "integral",
                  patch: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """The maximum of every map.
+    """The maximum of every map (fixed shapes, so it exports as it runs).
 
     Args:
         maps: (N, C, H, W) confidence maps.
@@ -90,16 +90,11 @@ def global_peaks(maps: torch.Tensor, threshold: float = 0.2, refinement: Optiona
     values, x = maps.amax(dim=2).max(dim=2)  # x of the first column holding the maximum
     y = maps.amax(dim=3).argmax(dim=2)  # y of the first row holding it
     points = torch.stack([x, y], dim=-1).to(torch.float32)  # (N, C, 2)
+    if refinement == "integral":
+        index = torch.arange(n * c, device=maps.device)
+        points = _refine(maps.reshape(n * c, 1, h, w), index, points.reshape(n * c, 2), patch).reshape(n, c, 2)
     below = values < threshold
-    points = points.masked_fill(below[..., None], float("nan"))
-    values = values.masked_fill(below, 0.0)
-    if refinement == "integral" and not bool(below.all()):
-        flat = points.view(-1, 2)
-        found = torch.nonzero(~below.view(-1))[:, 0]
-        refined = flat.clone()
-        refined[found] = _refine(maps.reshape(n * c, 1, h, w), found, flat[found], patch)
-        points = refined.view(n, c, 2)
-    return points, values
+    return points.masked_fill(below[..., None], float("nan")), values.masked_fill(below, 0.0)
 
 
 def _neighbour_maxima(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +116,7 @@ def _flat_tops(maps: torch.Tensor, sample: torch.Tensor, channel: torch.Tensor, 
                values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For candidates with an equal neighbour after them: (keep (m,), (x, y) offset to the top's mean)."""
     n, c, h, w = maps.shape
-    windows = crop(F.pad(maps, (2, 2, 2, 2), value=float("-inf")).view(n * c, 1, h + 4, w + 4),
+    windows = crop(F.pad(maps, (2, 2, 2, 2), value=float("-inf")).reshape(n * c, 1, h + 4, w + 4),
                    sample * c + channel, torch.stack([x, y], dim=1), 5, 5)[:, 0]  # (m, 5, 5)
     high = windows >= values[:, None, None]
     tied = torch.zeros_like(high)
@@ -175,4 +170,47 @@ def local_peaks(maps: torch.Tensor, threshold: float = 0.2, refinement: Optional
     return points, values, sample, channel
 
 
-__all__ = ["REFINEMENTS", "crop", "global_peaks", "integral_offsets", "local_peaks", "window_origins"]
+def local_peak_count(maps: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
+    """(N, C) number of peak candidates of each map (flat tops counted before they are checked)."""
+    before, after = _neighbour_maxima(maps)
+    return ((maps > before) & (maps >= after) & (maps > threshold)).sum(dim=(2, 3))
+
+
+def top_local_peaks(maps: torch.Tensor, k: int, threshold: float = 0.2, refinement: Optional[str] = "integral",
+                    patch: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The `k` highest local peaks of every map, in fixed shapes (for exported graphs).
+
+    The peaks `local_peaks` finds, highest first; when a map has more than `k`
+    candidates, flat-top candidates that turn out not to be peaks still take
+    their slot before being dropped.
+
+    Returns:
+        `(points, values, index)`: (N, C, k, 2) x/y in map pixels and (N, C, k), NaN
+        where a map has fewer peaks; (N, C, k) raster position `y * W + x` of each
+        peak's first pixel (the order `local_peaks` returns peaks in).
+    """
+    _check(refinement, patch)
+    n, c, h, w = maps.shape
+    before, after = _neighbour_maxima(maps)
+    peaks = (maps > before) & (maps >= after) & (maps > threshold)
+    flat = maps.masked_fill(~peaks, float("-inf")).reshape(n, c, h * w)
+    if k > h * w:
+        flat = torch.nn.functional.pad(flat, (0, k - h * w), value=float("-inf"))
+    values, index = torch.topk(flat, k, dim=2)  # (N, C, k)
+    index = index.clamp(max=h * w - 1)
+    x, y = index % w, torch.div(index, w, rounding_mode="floor")
+    found = values > float("-inf")
+    sample = torch.arange(n, device=maps.device).view(n, 1, 1).expand(n, c, k).reshape(-1)
+    channel = torch.arange(c, device=maps.device).view(1, c, 1).expand(n, c, k).reshape(-1)
+    keep, offsets = _flat_tops(maps, sample, channel, x.reshape(-1), y.reshape(-1), values.reshape(-1))
+    points = torch.stack([x, y], dim=-1).to(torch.float32).reshape(-1, 2) + offsets
+    if refinement == "integral":
+        points = _refine(maps.reshape(n * c, 1, h, w), sample * c + channel, torch.floor(points), patch)
+    found = found & keep.reshape(n, c, k)
+    points = points.reshape(n, c, k, 2).masked_fill(~found[..., None], float("nan"))
+    return points, values.masked_fill(~found, float("nan")), index
+
+
+__all__ = ["REFINEMENTS", "crop", "global_peaks", "integral_offsets", "local_peak_count", "local_peaks",
+           "top_local_peaks",
+           "window_origins"]

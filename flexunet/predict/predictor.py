@@ -249,17 +249,11 @@ class Predictor:
         out, eff_scale = self._run(stage, images, indices)
         head = stage.head("SingleInstanceConfmapsHead")
         points, values = global_peaks(out[head.name], **self._peak_args(0))
-        points = points * head.output_stride / stage.preprocessing.scale / eff_scale
-        frames = []
-        for p, v in zip(points.numpy(), values.numpy()):
-            found = not np.isnan(p).all()
-            score = np.array([np.nansum(v)], np.float32)
-            frames.append(FramePoses(p[None], v[None], score).keep(np.array([found])))
-        return frames
+        return single_instance_poses(points * head.output_stride / stage.preprocessing.scale / eff_scale, values)
 
     def _centroids_only(self, images, indices):
         centroids, _ = self._centroids(images, indices)
-        return [FramePoses(p.numpy()[:, None], v.numpy()[:, None], v.numpy()) for p, v in centroids]
+        return centroid_poses(centroids)
 
     def _topdown(self, images, indices):
         centroids, eff_scale = self._centroids(images, indices)
@@ -282,17 +276,7 @@ class Predictor:
         corners = centers_all - size / 2 + 0.5  # the crops' corners as sleap-nn adds them back
         points = (points * head.output_stride / second.preprocessing.scale + corners[:, None, :]) / eff_scale
         vectors = out[second.head("ClassVectorsHead").name] if multi else None
-        frames, start = [], 0
-        for (_, centroid_values), n in zip(centroids, counts):
-            p, v = points[start:start + n].numpy(), values[start:start + n].numpy()
-            poses = FramePoses(p, v, centroid_values.numpy())
-            if multi:
-                classes, probs = identity.classify_crops(vectors[start:start + n]) if n else (
-                    torch.zeros(0, dtype=torch.int64), torch.zeros(0))
-                poses.identities, poses.identity_scores = classes.numpy(), probs.numpy()
-            frames.append(poses.keep(~np.isnan(p).all(axis=(1, 2))))
-            start += n
-        return frames
+        return topdown_poses(points, values, [v for _, v in centroids], vectors)
 
     def _bottomup(self, images, indices):
         stage = self.stages[0]
@@ -302,27 +286,9 @@ class Predictor:
         points, values, sample, channel = local_peaks(out[maps.name], **self._peak_args(0))
         points = points * maps.output_stride
         found = paf.candidates(self.grouping, sample, channel)
-        scores = paf.line_scores(self.grouping, pafs, points, sample, found).numpy()
-        frames = []
-        frame_of_src = sample[found.src]
-        for b in range(len(images)):
-            mine = torch.nonzero(sample == b)[:, 0]
-            first = int(mine[0]) if len(mine) else 0
-            here = torch.nonzero(frame_of_src == b)[:, 0]
-            local = paf.Candidates(found.edge[here], found.src[here] - first, found.dst[here] - first)
-            instances, point_scores, instance_scores = paf.group(
-                self.grouping, points[mine].numpy(), values[mine].numpy(), channel[mine].numpy(), local,
-                scores[here.numpy()])
-            if stage.preprocessing.scale != 1.0:
-                instances = instances / np.float32(stage.preprocessing.scale)
-            if eff_scale != 1.0:
-                instances = instances / np.float32(eff_scale)
-            poses = FramePoses(instances, point_scores, instance_scores)
-            limit = self.options.max_instances
-            if limit is not None and len(instance_scores) > limit:
-                poses = poses.keep(np.argsort(instance_scores)[::-1][:limit])
-            frames.append(poses)
-        return frames
+        scores = paf.line_scores(self.grouping, pafs, points, sample, found)
+        return bottomup_poses(self.grouping, points, values, sample, channel, found, scores, len(images),
+                              stage.preprocessing.scale * eff_scale, self.options.max_instances)
 
     def _multi_class_bottomup(self, images, indices):
         stage = self.stages[0]
@@ -331,28 +297,98 @@ class Predictor:
         class_head = stage.head("ClassMapsHead")
         points, values, sample, channel = local_peaks(out[maps.name], **self._peak_args(0))
         in_class_maps = points * maps.output_stride / class_head.output_stride
-        instances, point_scores, class_scores = identity.classify_peaks(
-            out[class_head.name], in_class_maps, values, sample, channel, maps.channels)
-        instances = instances * class_head.output_stride
-        if stage.preprocessing.scale != 1.0:
-            instances = instances / stage.preprocessing.scale
-        if eff_scale != 1.0:
-            instances = instances / eff_scale
-        scores = torch.nanmean(point_scores, dim=-1).numpy()  # NaN for classes without peaks
-        identity_scores = torch.nanmean(class_scores, dim=-1).numpy()
-        n_classes = class_head.channels
-        frames = []
-        for b in range(len(images)):
-            present = ~np.isnan(scores[b])
-            limit = self.options.max_instances
-            if limit is not None and present.sum() > limit:
-                keep = np.zeros(n_classes, bool)
-                keep[np.argsort(scores[b])[::-1][:limit]] = True
-                present &= keep
-            poses = FramePoses(instances[b].numpy(), point_scores[b].numpy(), scores[b],
-                               np.arange(n_classes, dtype=np.int64), identity_scores[b])
-            frames.append(poses.keep(present & ~np.isnan(instances[b].numpy()).all(axis=(1, 2))))
-        return frames
+        probs = identity.peak_class_probabilities(out[class_head.name], in_class_maps, sample)
+        return multi_class_bottomup_poses(probs, in_class_maps, values, sample, channel, len(images), maps.channels,
+                                          class_head.output_stride, stage.preprocessing.scale, eff_scale,
+                                          self.options.max_instances)
+
+
+# -------------------------------------------------- decoded peaks -> poses
+# Shared by `Predictor` and the exported-graph runner (`flexunet.predict.export`).
+
+
+def single_instance_poses(points: torch.Tensor, values: torch.Tensor) -> list[FramePoses]:
+    """One instance per frame from (N, K, 2) frame points and (N, K) values; none where no node was found.
+    Its score is the sum of its point scores, as sleap-nn scores single instances."""
+    frames = []
+    for p, v in zip(points.numpy(), values.numpy()):
+        score = np.array([np.nansum(v)], np.float32)
+        frames.append(FramePoses(p[None], v[None], score).keep(np.array([not np.isnan(p).all()])))
+    return frames
+
+
+def centroid_poses(centroids: list[tuple[torch.Tensor, torch.Tensor]]) -> list[FramePoses]:
+    """One-node instances from per-frame centroids (c, 2) and their values (c,)."""
+    return [FramePoses(p.numpy()[:, None], v.numpy()[:, None], v.numpy()) for p, v in centroids]
+
+
+def topdown_poses(points: torch.Tensor, values: torch.Tensor, centroid_values: list[torch.Tensor],
+                  vectors: Optional[torch.Tensor]) -> list[FramePoses]:
+    """Per-frame instances from the crops' points (n, K, 2) in frame pixels and values (n, K), the crops
+    taken frame by frame (`centroid_values` per frame give the instance scores); multi-class top-down
+    also takes the crops' class vectors (n, classes)."""
+    frames, start = [], 0
+    for scores in centroid_values:
+        n = len(scores)
+        p, v = points[start:start + n].numpy(), values[start:start + n].numpy()
+        poses = FramePoses(p, v, scores.numpy())
+        if vectors is not None:
+            classes, probs = identity.classify_crops(vectors[start:start + n])
+            poses.identities, poses.identity_scores = classes.numpy(), probs.numpy()
+        frames.append(poses.keep(~np.isnan(p).all(axis=(1, 2))))
+        start += n
+    return frames
+
+
+def bottomup_poses(grouping: paf.PAFGrouping, points: torch.Tensor, values: torch.Tensor, sample: torch.Tensor,
+                   channel: torch.Tensor, found: paf.Candidates, scores: torch.Tensor, n_frames: int,
+                   scale: float, max_instances: Optional[int]) -> list[FramePoses]:
+    """Per-frame instances grouped from peaks (input pixels, ordered by frame) and scored candidates;
+    points are divided by `scale` (input scaling times size matching)."""
+    frames = []
+    frame_of_src = sample[found.src]
+    scores = scores.numpy()
+    for b in range(n_frames):
+        mine = torch.nonzero(sample == b)[:, 0]
+        first = int(mine[0]) if len(mine) else 0
+        here = torch.nonzero(frame_of_src == b)[:, 0]
+        local = paf.Candidates(found.edge[here], found.src[here] - first, found.dst[here] - first)
+        instances, point_scores, instance_scores = paf.group(
+            grouping, points[mine].numpy(), values[mine].numpy(), channel[mine].numpy(), local, scores[here.numpy()])
+        if scale != 1.0:
+            instances = instances / np.float32(scale)
+        poses = FramePoses(instances, point_scores, instance_scores)
+        if max_instances is not None and len(instance_scores) > max_instances:
+            poses = poses.keep(np.argsort(instance_scores)[::-1][:max_instances])
+        frames.append(poses)
+    return frames
+
+
+def multi_class_bottomup_poses(probs: torch.Tensor, points: torch.Tensor, values: torch.Tensor, sample: torch.Tensor,
+                               channel: torch.Tensor, n_frames: int, n_nodes: int, class_stride: int, scale: float,
+                               eff_scale: float, max_instances: Optional[int]) -> list[FramePoses]:
+    """One instance per class and frame from peaks in class-map pixels and their class probabilities."""
+    instances, point_scores, class_scores = identity.group_by_class(probs, points, values, sample, channel,
+                                                                    n_frames, n_nodes)
+    instances = instances * class_stride
+    if scale != 1.0:
+        instances = instances / scale
+    if eff_scale != 1.0:
+        instances = instances / eff_scale
+    scores = torch.nanmean(point_scores, dim=-1).numpy()  # NaN for classes without peaks
+    identity_scores = torch.nanmean(class_scores, dim=-1).numpy()
+    n_classes = probs.shape[1]
+    frames = []
+    for b in range(n_frames):
+        present = ~np.isnan(scores[b])
+        if max_instances is not None and present.sum() > max_instances:
+            keep = np.zeros(n_classes, bool)
+            keep[np.argsort(scores[b])[::-1][:max_instances]] = True
+            present &= keep
+        poses = FramePoses(instances[b].numpy(), point_scores[b].numpy(), scores[b],
+                           np.arange(n_classes, dtype=np.int64), identity_scores[b])
+        frames.append(poses.keep(present & ~np.isnan(instances[b].numpy()).all(axis=(1, 2))))
+    return frames
 
 
 def _resolve_folders(folders) -> list[str]:

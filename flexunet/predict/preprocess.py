@@ -113,21 +113,28 @@ class Preprocessing:
         pad_h, pad_w = target_h - resized.shape[-2], target_w - resized.shape[-1]
         return F.pad(resized, (0, pad_w, 0, pad_h)), scale
 
-    def scaled(self, images: torch.Tensor) -> torch.Tensor:
-        """Input scaling then padding to the maximum stride, still uint8."""
-        if self.scale != 1.0:
-            h, w = images.shape[-2:]
-            images = resize(images, int(h * self.scale), int(w * self.scale))
+    def rescale(self, images: torch.Tensor) -> torch.Tensor:
+        """Input scaling, still uint8."""
+        if self.scale == 1.0:
+            return images
+        h, w = images.shape[-2:]
+        return resize(images, int(h * self.scale), int(w * self.scale))
+
+    def pad(self, images: torch.Tensor) -> torch.Tensor:
+        """Zero padding at the bottom/right to a multiple of the maximum stride."""
         h, w = images.shape[-2:]
         pad_h, pad_w = -h % self.max_stride, -w % self.max_stride
-        if pad_h or pad_w:
-            images = F.pad(images, (0, pad_w, 0, pad_h))
-        return images
+        return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+
+    def resized(self, frames: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Converted, size-matched and scaled uint8 frames (not padded), and the size-matching scale."""
+        sized, eff_scale = self.size_match(self.convert(frames))
+        return self.rescale(sized), eff_scale
 
     def __call__(self, frames: torch.Tensor) -> tuple[torch.Tensor, float]:
         """uint8 (N, C, H, W) frames -> (float network input in [0, 1], size-matching scale)."""
-        sized, eff_scale = self.size_match(self.convert(frames))
-        return self.scaled(sized).float() / 255.0, eff_scale
+        images, eff_scale = self.resized(frames)
+        return self.pad(images).float() / 255.0, eff_scale
 
 
 __all__ = ["LUMA", "Preprocessing", "as_frames", "resize", "to_grayscale"]
