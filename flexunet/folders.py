@@ -38,6 +38,18 @@ def folder_kind(model_dir: str | os.PathLike) -> Optional[str]:
     return None
 
 
+def require_kind(model_dir: str | os.PathLike) -> str:
+    """`folder_kind` of an existing model folder; FileNotFoundError naming it otherwise."""
+    model_dir = os.fspath(model_dir)
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"SLEAP model folder not found: {model_dir}")
+    kind = folder_kind(model_dir)
+    if kind is None:
+        raise FileNotFoundError(f"{model_dir} is not a SLEAP model folder: it has neither "
+                                f"{' + '.join(KERAS_FILES)} (SLEAP <= 1.4) nor {' + '.join(SLEAP_NN_FILES)} (sleap-nn).")
+    return kind
+
+
 def load_model(model_dir: str | os.PathLike) -> SleapModel:
     """Load a trained SLEAP model folder, from SLEAP's Keras era or from sleap-nn.
 
@@ -65,12 +77,7 @@ def load_model(model_dir: str | os.PathLike) -> SleapModel:
             names the file and lists the layers).
     """
     model_dir = os.fspath(model_dir)
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"SLEAP model folder not found: {model_dir}")
-    kind = folder_kind(model_dir)
-    if kind is None:
-        raise FileNotFoundError(f"{model_dir} is not a SLEAP model folder: it has neither "
-                                f"{' + '.join(KERAS_FILES)} (SLEAP <= 1.4) nor {' + '.join(SLEAP_NN_FILES)} (sleap-nn).")
+    kind = require_kind(model_dir)
     try:
         return load_keras_folder(model_dir) if kind == "keras" else sleap_nn.load_sleap_nn_model(model_dir)
     except (ValueError, TypeError) as err:
@@ -80,4 +87,4 @@ def load_model(model_dir: str | os.PathLike) -> SleapModel:
         raise ValueError(message) from None
 
 
-__all__ = ["KERAS_FILES", "SLEAP_NN_FILES", "folder_kind", "load_model"]
+__all__ = ["KERAS_FILES", "SLEAP_NN_FILES", "folder_kind", "load_model", "require_kind"]

@@ -172,15 +172,6 @@ def test_multi_class_top_down_follows_sleap_nns_rules():
             np.testing.assert_allclose(out.points[f, j], expected, atol=POINT_TOLERANCE)
 
 
-def test_class_vectors_assign_each_class_once():
-    from flexunet.predict.identity import classify_crops
-
-    classes, probs = classify_crops(torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.1, 0.9]]))
-    # Crops 1 and 2 win their classes (0.7 + 0.9 beats any pairing with crop 0); crop 0 gets none.
-    assert classes.tolist() == [-1, 0, 1]
-    assert probs[1:].tolist() == pytest.approx([0.7, 0.9]) and np.isnan(probs[0])
-
-
 # ------------------------------------------------------------- bad inputs
 
 

@@ -197,6 +197,25 @@ def available() -> bool:
     return library() is not None
 
 
+@functools.lru_cache(maxsize=None)
+def _has_avx512() -> bool:
+    return " avx512f" in _cpu_signature()
+
+
+def preferred() -> bool:
+    """Whether the operators run on the native kernels: when they are available and the CPU has AVX-512.
+
+    The kernels hold 24 vector accumulators, written for AVX-512's 32 registers;
+    compiled for AVX2 (16 registers) they spill and ran 6.5-7.8x slower than the
+    PyTorch paths on sleap-nn's UNets (AMD EPYC Zen 3, 2 threads), so other CPUs use
+    the PyTorch paths. `FLEXUNET_NATIVE=1` uses the kernels on any CPU.
+    """
+    allocator.keep_freed_memory()  # at the kernels' first use, native or not (see flexunet.kernels.allocator)
+    if os.environ.get("FLEXUNET_NATIVE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return available()
+    return _has_avx512() and available()
+
+
 def supports_dtype(dtype: torch.dtype) -> bool:
     """Whether the kernels compute in this dtype here (float32; bfloat16 with AVX512-BF16)."""
     return dtype == torch.float32 or (dtype == torch.bfloat16 and has_bfloat16())

@@ -137,7 +137,7 @@ def _conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
     joined = skip is not None or upsample != "none"
     narrow_bf16 = (dtype == torch.bfloat16 and max(cin, cout) <= NARROW_BF16_CHANNELS and not joined
                    and cin > native.DIRECT_MAX_CHANNELS)
-    if native.supports_dtype(dtype) and native.available() and not narrow_bf16:  # else oneDNN, below
+    if native.supports_dtype(dtype) and native.preferred() and not narrow_bf16:  # else oneDNN, below
         if not joined and cin <= native.DIRECT_MAX_CHANNELS:
             packed = _derived(weight, ("direct",), lambda: native.pack_direct(weight), cache)
             return native.direct_conv3x3(x, packed, bias, cout, relu, dtype)
@@ -195,7 +195,7 @@ def _conv3x3_backward(ctx, grad):
 def upsample2x_backward(grad: torch.Tensor, start: int, mode: str) -> torch.Tensor:
     """The gradient of a source upsampled by 2 (`mode` "bilinear" or "nearest", as `F.interpolate`)
     whose upsampled copy is channels `start:` of `grad`; computed from `grad` in place (no slice copy)."""
-    if grad.dtype == torch.float32 and native.available():
+    if grad.dtype == torch.float32 and native.preferred():
         return native.upsample2x_adjoint(grad, start, mode)
     part = grad[:, start:]
     size, shape = [int(s) for s in part.shape[2:]], [part.shape[0], part.shape[1], part.shape[2] // 2, part.shape[3] // 2]
@@ -220,7 +220,7 @@ def conv3x3_weight_grad(x: torch.Tensor, grad: torch.Tensor, skip: Optional[torc
     with torch.autocast("cpu", enabled=False):
         n, cout, h, w = grad.shape
         tiles, cin = n * -(-h // 4) * -(-w // 4), x.shape[1] + (0 if skip is None else skip.shape[1])
-        if (x.dtype == torch.float32 and native.available() and tiles >= NATIVE_WEIGHT_GRAD_MIN_TILES
+        if (x.dtype == torch.float32 and native.preferred() and tiles >= NATIVE_WEIGHT_GRAD_MIN_TILES
                 and min(cin, cout) > NATIVE_WEIGHT_GRAD_MAX_NARROW):
             # In Winograd space, the joined input formed while reading, as in the forward pass.
             return native.winograd_weight_grad(x, grad, skip, None if upsample == "none" else upsample)
@@ -248,7 +248,7 @@ conv3x3.register_autograd(_conv3x3_backward, setup_context=_conv3x3_setup)
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     """2x2 max pooling with stride 2 and TensorFlow's 'same' padding (windows clipped at the
     bottom/right): (N, C, ceil(H / 2), ceil(W / 2)), NaN propagated."""
-    if native.supports_dtype(x.dtype) and native.available():
+    if native.supports_dtype(x.dtype) and native.preferred():
         return native.max_pool2x2(x)
     return F.max_pool2d(x, 2, 2, ceil_mode=True).contiguous(memory_format=CHANNELS_LAST)
 
@@ -273,7 +273,7 @@ def conv_transpose_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 def _conv_transpose_same(x, weight, bias, stride, crop, dtype):
     cin, cout, k = weight.shape[0], weight.shape[1], weight.shape[-1]
     keras_k3s2 = k == 3 and stride == 2 and crop == 0
-    if keras_k3s2 and native.supports_transposed(dtype, cin, cout, k, stride) and native.available():
+    if keras_k3s2 and native.supports_transposed(dtype, cin, cout, k, stride) and native.preferred():
         packed = _derived(weight, ("transposed", dtype), lambda: native.pack_transposed(weight, dtype), True)
         return native.transposed_conv_k3s2(x, packed, bias)
     x = x.to(dtype).contiguous(memory_format=CHANNELS_LAST)

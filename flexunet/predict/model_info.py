@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from flexunet.config_tree import read_json, read_yaml
-from flexunet.folders import KERAS_FILES, SLEAP_NN_FILES, folder_kind
+from flexunet.folders import KERAS_FILES, SLEAP_NN_FILES, require_kind
 
 # SLEAP's Keras head sections -> sleap-nn's model type names.
 _KERAS_TYPES = {"single_instance": "single_instance", "centroid": "centroid", "centered_instance": "centered_instance",
@@ -138,12 +138,7 @@ def read_model_info(folder: str | os.PathLike) -> ModelInfo:
         ValueError: naming the file and entry that is malformed.
     """
     folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"SLEAP model folder not found: {folder}")
-    kind = folder_kind(folder)
-    if kind is None:
-        raise FileNotFoundError(f"{folder} is not a SLEAP model folder: it has neither {' + '.join(KERAS_FILES)} "
-                                f"(SLEAP <= 1.4) nor {' + '.join(SLEAP_NN_FILES)} (sleap-nn).")
+    kind = require_kind(folder)
     if kind == "keras":
         source = os.path.join(folder, KERAS_FILES[0])
         config = read_json(source)

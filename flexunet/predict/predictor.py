@@ -99,6 +99,7 @@ def _options(peak_threshold, centroid_threshold, keypoint_threshold, integral_re
     if max_instances is not None:
         check_int("max_instances", max_instances, minimum=1)
     check_int("batch_size", batch_size, minimum=1)
+    paf.PAFGrouping(edges=(), n_nodes=1, pafs_stride=1, **paf_knobs)  # checks the grouping knobs for every type
     return Options(tuple(float(t) for t in thresholds), integral_refinement, integral_patch_size, max_instances,
                    batch_size, **paf_knobs)
 
@@ -458,9 +459,10 @@ def load_predictor(folders, peak_threshold: float | tuple[float, float] = 0.2,
         FileNotFoundError: a folder or one of its files is missing.
         ValueError: the folders do not pair, a config or option is invalid.
     """
-    options = _options(peak_threshold, centroid_threshold, keypoint_threshold, integral_refinement, integral_patch_size, max_instances, batch_size,
-                       max_edge_length_ratio=max_edge_length_ratio, dist_penalty_weight=dist_penalty_weight,
-                       n_points=n_points, min_instance_peaks=min_instance_peaks, min_line_scores=min_line_scores)
+    options = _options(peak_threshold, centroid_threshold, keypoint_threshold, integral_refinement,
+                       integral_patch_size, max_instances, batch_size, max_edge_length_ratio=max_edge_length_ratio,
+                       dist_penalty_weight=dist_penalty_weight, n_points=n_points,
+                       min_instance_peaks=min_instance_peaks, min_line_scores=min_line_scores)
     if not isinstance(bf16, bool):
         raise TypeError(f"bf16 must be True or False, got {bf16!r}.")
     paths = _resolve_folders(folders)
