@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import flexunet
 from flexunet import kernels
-from flexunet.kernels import native
+from flexunet.kernels import native, ops
 from flexunet.layers import Conv2dSame, ConvTranspose2dSame, MaxPool2dSame
 
 CONV3X3 = torch.ops.flexunet.conv3x3.default
@@ -109,7 +109,8 @@ def test_max_pool_passes_pytorchs_operator_checks_and_serves_inference_only(shap
     pool = MaxPool2dSame()
     with torch.no_grad():
         torch.testing.assert_close(pool(x), F.max_pool2d(x, 2, 2, ceil_mode=True))
-        assert kernels.max_pool2x2(x) is not None
+        # The operator where the native kernels run; elsewhere the layer's own pooling.
+        assert (kernels.max_pool2x2(x) is not None) == native.preferred()
     assert kernels.max_pool2x2(x.requires_grad_()) is None  # training: ATen's, whose backward needs its indices
 
 
@@ -119,15 +120,18 @@ def test_upsampling_adjoint_passes_pytorchs_operator_checks(mode):
 
 
 @pytest.mark.parametrize("shape,cin,cout,grad,uses_operator", [
-    ((2, 16, 32, 32), 16, 16, False, True),  # inference: always
+    ((2, 16, 32, 32), 16, 16, False, True),  # inference: always where the native kernels run
     ((2, 16, 32, 32), 16, 16, True, True),  # training: 16 channels, 128 tiles
     ((2, 3, 32, 32), 3, 16, True, False),  # an image's channels: oneDNN
     ((1, 64, 12, 12), 64, 64, True, False),  # 9 tiles: oneDNN
     ((1, 64, 12, 12), 64, 64, False, True),
+    ((1, 256, 8, 8), 256, 256, False, True),  # the PyTorch Winograd path, on any CPU
 ])
 def test_training_runs_on_the_operator_from_16_channels_and_64_tiles(shape, cin, cout, grad, uses_operator):
     x = torch.rand(*shape, requires_grad=grad)
     weight = torch.rand(cout, cin, 3, 3, requires_grad=grad)
+    if not grad and not native.preferred() and min(cin, cout) < ops.TORCH_WINOGRAD_MIN_CHANNELS:
+        uses_operator = False  # the operator would only run what the layer runs: the layer does
     with torch.set_grad_enabled(grad):
         assert (kernels.conv3x3(x, weight, None) is not None) == uses_operator
 
@@ -170,7 +174,8 @@ def test_compiled_models_keep_the_operators():
     targets, out = _graph_targets(model, x)
     n_conv3x3 = sum(t is torch.ops.flexunet.conv3x3.default or t is torch.ops.flexunet.conv3x3 for t in targets)
     n_transposed = sum(t in (TRANSPOSED, torch.ops.flexunet.conv_transpose_same) for t in targets)
-    assert n_conv3x3 == 10  # every 3x3 convolution of the network
+    # Every 3x3 convolution of the network where the native kernels run; else the layers' own.
+    assert n_conv3x3 == (10 if native.preferred() else 0)
     assert n_transposed == 2  # both upsampling steps
     with torch.no_grad():
         torch.testing.assert_close(out, model(x))

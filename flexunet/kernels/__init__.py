@@ -16,6 +16,9 @@ the only choice:
 * while exporting (`torch.export`, ONNX) or scripting: exported graphs hold
   standard operators that any runtime executes;
 * off the CPU, or for dtypes other than float32 and bfloat16;
+* where the operator would only run what the layer runs itself: on CPUs without
+  the native kernels (`native.preferred()`), pooling and convolutions of fewer than
+  `ops.TORCH_WINOGRAD_MIN_CHANNELS` channels (the dispatch costs ~0.4 ms a call);
 * in training, except 3x3 float32 convolutions of at least
   `TRAINING_MIN_CHANNELS` channels and `TRAINING_MIN_TILES` 4x4 output tiles
   (the operator then also computes both gradients on the fused kernels;
@@ -71,6 +74,8 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         return None
     dtype = compute_dtype(x)
     tracked = _tracked(x, weight) or (skip is not None and _tracked(skip, weight))
+    if not tracked and not native.preferred() and min(weight.shape[:2]) < ops.TORCH_WINOGRAD_MIN_CHANNELS:
+        return None  # the operator would run oneDNN's convolution as the layer does: spare its dispatch
     if tracked:
         n, _, h, w = x.shape
         factor = 1 if upsample is None else 2
@@ -83,7 +88,7 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
 
 def max_pool2x2(x: torch.Tensor) -> Optional[torch.Tensor]:
     """`flexunet::max_pool2x2` in inference (see the module docstring), else None."""
-    if not _eligible(x) or (torch.is_grad_enabled() and x.requires_grad):
+    if not _eligible(x) or (torch.is_grad_enabled() and x.requires_grad) or not native.preferred():
         return None
     return torch.ops.flexunet.max_pool2x2(x)
 

@@ -202,6 +202,7 @@ def _has_avx512() -> bool:
     return " avx512f" in _cpu_signature()
 
 
+@torch.compiler.assume_constant_result  # decided once per trace, outside the graph
 def preferred() -> bool:
     """Whether the operators run on the native kernels: when they are available and the CPU has AVX-512.
 
