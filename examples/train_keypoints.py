@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import flexunet
-from flexunet.heads import HeadSpec
+from flexunet.nn.heads import HeadSpec
 from flexunet.sleap import SleapModel
 
 

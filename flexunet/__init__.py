@@ -3,25 +3,28 @@
     >>> import flexunet
     >>> model = flexunet.UNet()                      # SLEAP's default, 34,512,128 parameters
     >>> flexunet.load_keras_weights(model, "model.h5")
-    >>> sleap_model = flexunet.sleap.load_model("models/centroid")
+    >>> model = flexunet.load_model("models/centroid")   # any SLEAP, sleap-nn or flexunet model
+    >>> predictor = flexunet.sleap.load_predictor("models/bottomup")
+
+The package is in three layers, each a folder importing only from those below
+it: `flexunet.kernels` (fast CPU operators), `flexunet.nn` (the model, with
+TensorFlow's numerics), `flexunet.io` (files); on top, `sleap`, `predict`,
+`export`, `inference`, `summary` and the command line (`docs/architecture.md`).
 """
 
 from flexunet import sleap
-from flexunet.blocks import (
-    DecoderBlock,
-    EncoderBlock,
-    PoolingBlock,
-    SimpleConvBlock,
-    SimpleUpsamplingBlock,
-)
-from flexunet.config import UNetConfig
-from flexunet.encoder_decoder import EncoderDecoder, IntermediateFeature
 from flexunet.export import export_onnx, export_program
 from flexunet.inference import optimize_for_inference
-from flexunet.keras import load_keras_weights
-from flexunet.serialization import load, save
+from flexunet.io.folders import load_any as load_model
+from flexunet.io.keras import load_keras_weights
+from flexunet.io.serialization import load, save
+from flexunet.nn.blocks import DecoderBlock, EncoderBlock, PoolingBlock, SimpleConvBlock, SimpleUpsamplingBlock
+from flexunet.nn.config import UNetConfig
+from flexunet.nn.encoder_decoder import EncoderDecoder, IntermediateFeature
+from flexunet.nn.heads import HeadSpec
+from flexunet.nn.sleap_model import SleapModel
+from flexunet.nn.unet import UNet
 from flexunet.summary import receptive_field, summarize
-from flexunet.unet import UNet
 
 __version__ = "0.1.0"
 
@@ -29,16 +32,19 @@ __all__ = [
     "DecoderBlock",
     "EncoderBlock",
     "EncoderDecoder",
+    "HeadSpec",
     "IntermediateFeature",
     "PoolingBlock",
     "SimpleConvBlock",
     "SimpleUpsamplingBlock",
+    "SleapModel",
     "UNet",
     "UNetConfig",
     "export_onnx",
     "export_program",
     "load",
     "load_keras_weights",
+    "load_model",
     "optimize_for_inference",
     "receptive_field",
     "save",

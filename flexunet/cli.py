@@ -22,17 +22,17 @@ def _summary(args: argparse.Namespace) -> None:
 
     model = _model_for_summary(args.config, args.input_shape)
     shape = tuple(args.input_shape) if args.input_shape else None
-    print(summarize(model, shape))
+    print(summarize(model, input_shape=shape))
 
 
 def _model_for_summary(config: Optional[str], input_shape: Optional[list[int]]):
-    from flexunet.unet import UNet
+    from flexunet.nn.unet import UNet
 
     channels = input_shape[2] if input_shape else None
     if config is None:
         return UNet(in_channels=channels or 1)
-    from flexunet.config_files import model_from_config_file
-    from flexunet.folders import KERAS_FILES, SLEAP_NN_FILES
+    from flexunet.io.config_files import model_from_config_file
+    from flexunet.io.folders import KERAS_FILES, SLEAP_NN_FILES
 
     path = os.path.abspath(config)
     # A model folder, or the training config inside one with its weights: they say the input channels.
@@ -50,10 +50,9 @@ def _model_for_summary(config: Optional[str], input_shape: Optional[list[int]]):
 
 def _load_folder(folder: str):
     """A SLEAP (Keras or sleap-nn) model folder, or a flexunet directory."""
-    from flexunet.serialization import load
-    from flexunet.folders import folder_kind, load_model
+    from flexunet.io.folders import load_any
 
-    return load_model(folder) if folder_kind(folder) is not None else load(folder)
+    return load_any(folder)
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -64,7 +63,7 @@ def _convert(args: argparse.Namespace) -> None:
     import torch
 
     from flexunet.export import export_onnx
-    from flexunet.serialization import load, save
+    from flexunet.io.serialization import load, save
 
     model = _load_folder(args.model_dir).eval()
     stride = model.maximum_stride

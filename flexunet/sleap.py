@@ -10,13 +10,12 @@ Both take the Keras folders of SLEAP <= 1.4 (`training_config.json` + `best_mode
 sleap-nn folders of SLEAP >= 1.5 (`training_config.yaml` + `best.ckpt`), each in its own numerics.
 """
 
-from flexunet.encoder_decoder import IntermediateFeature
-from flexunet.folders import KERAS_FILES, SLEAP_NN_FILES, folder_kind, load_model
-from flexunet.heads import HeadSpec
-from flexunet.keras_folder import model_from_training_config, unet_config_from_training_config
+from flexunet.io.folders import KERAS_FILES, SLEAP_NN_FILES, folder_kind, load_model
+from flexunet.io.keras_folder import model_from_training_config
+from flexunet.nn.encoder_decoder import IntermediateFeature
+from flexunet.nn.heads import HeadSpec
+from flexunet.nn.sleap_model import SleapModel
 from flexunet.predict import Predictions, Predictor, load_predictor
-from flexunet.sleap_model import SleapModel
 
 __all__ = ["HeadSpec", "IntermediateFeature", "KERAS_FILES", "Predictions", "Predictor", "SLEAP_NN_FILES",
-           "SleapModel", "folder_kind", "load_model", "load_predictor", "model_from_training_config",
-           "unet_config_from_training_config"]
+           "SleapModel", "folder_kind", "load_model", "load_predictor", "model_from_training_config"]

@@ -9,11 +9,10 @@ from typing import Optional
 
 from torch import nn
 
-from flexunet.blocks import LayerInfo
-from flexunet.encoder_decoder import EncoderDecoder, PlacedBlock
+from flexunet.nn.blocks import LayerInfo
+from flexunet.nn.encoder_decoder import EncoderDecoder, PlacedBlock
 
 # Layers whose output shapes SLEAP's tests record; others (Add, Concatenate, BN) are still listed.
-_KINDS_WITH_FLOPS = ("Conv2D", "Conv2DTranspose", "Dense")
 
 
 @dataclass(frozen=True)
@@ -162,18 +161,30 @@ def receptive_field(model: EncoderDecoder) -> int:
     return widest
 
 
-def summarize(model, input_shape: Optional[tuple[int, int, int]] = None) -> Summary:
-    """Describe `model` for an input of `input_shape` = (H, W, C), without running it.
+def summarize(model, shape: Optional[tuple[int, ...]] = None, *,
+              input_shape: Optional[tuple[int, int, int]] = None) -> Summary:
+    """Describe `model` for an input of `shape`, without running it.
 
     Args:
         model: A flexunet `EncoderDecoder` (e.g. `UNet`) or a `SleapModel`, whose
             heads are listed after the backbone.
-        input_shape: (height, width, channels); defaults to 192x192 (rounded up to
-            the maximum stride) with the model's input channels.
+        shape: The input's (N, C, H, W) or (C, H, W), as everywhere in flexunet;
+            defaults to 192x192 (rounded up to the maximum stride) with the model's
+            input channels. The batch size does not change the summary.
+        input_shape: SLEAP's (height, width, channels) instead of `shape`.
     """
+    if shape is not None and input_shape is not None:
+        raise TypeError("give shape (N, C, H, W) or input_shape (H, W, C), not both.")
+    if shape is not None:
+        if len(shape) not in (3, 4):
+            raise ValueError(f"shape must be (N, C, H, W) or (C, H, W), got {tuple(shape)!r}.")
+        c, h, w = shape[-3:]
+        input_shape = (h, w, c)
+    elif input_shape is not None and len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (height, width, channels), got {tuple(input_shape)!r}.")
     heads = getattr(model, "head_specs", None)
     if heads is not None:
-        summary = summarize(model.backbone, input_shape)
+        summary = summarize(model.backbone, input_shape=input_shape)
         _add_heads(summary, model)
         return summary
     stride = model.maximum_stride

@@ -321,7 +321,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    flexunet.keras.READ_TIMEOUT = 10.0  # a hang in the HDF5 library becomes a ValueError after 10 s
+    flexunet.io.keras.READ_TIMEOUT = 10.0  # a hang in the HDF5 library becomes a ValueError after 10 s
     rng = random.Random(args.seed)
     counts: dict = {}
     unexpected, slowest = [], 0.0

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from flexunet import PoolingBlock, SimpleConvBlock, SimpleUpsamplingBlock
-from flexunet.blocks import spec_from_dict
-from flexunet.keras import keras_layers
+from flexunet.nn.blocks import spec_from_dict
+from flexunet.io.keras import keras_layers
 
 torch.manual_seed(0)
 

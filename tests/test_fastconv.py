@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import flexunet
 from flexunet import kernels
 from flexunet.kernels import fastconv, native, ops
-from flexunet.layers import Conv2dSame, ConvTranspose2dSame
+from flexunet.nn.layers import Conv2dSame, ConvTranspose2dSame
 from tests import tf_oracle
 
 RNG = np.random.default_rng(1)

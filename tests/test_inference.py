@@ -1,5 +1,7 @@
 """`flexunet.optimize_for_inference`: same outputs as eager, bf16 within 5%, model untouched."""
 
+import os
+
 import pytest
 import torch
 
@@ -28,7 +30,7 @@ def test_runner_matches_eager(model, dtype, tolerance):
 
 
 def test_runner_keeps_sleap_outputs_structure():
-    from flexunet.heads import HeadSpec
+    from flexunet.nn.heads import HeadSpec
     torch.manual_seed(1)
     backbone = flexunet.UNet(filters=16, down_blocks=2, up_blocks=1)
     heads = [HeadSpec("CentroidConfmapsHead", "CentroidConfmapsHead_0", 1, 4),
@@ -54,21 +56,34 @@ def test_bad_arguments_are_rejected(model, bad, error, match):
         flexunet.optimize_for_inference(model, **kwargs)
 
 
-def test_allocator_tuning_is_optional(model, monkeypatch):
-    calls = []
-    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
-    flexunet.optimize_for_inference(model, torch.rand(1, 1, 16, 16), tune_allocator=False)
-    assert calls == []
-    flexunet.optimize_for_inference(model, torch.rand(1, 1, 16, 16))
-    assert calls == [1]
+FAULTS = """
+import resource, sys, torch
+from flexunet.kernels import allocator
+if sys.argv[1] == "keep":
+    assert allocator.keep_freed_memory() is True
+def faults():
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, over glibc's default mmap threshold; written, so mapped
+    del x
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    faults()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
 
 
-def test_allocator_tuning_takes_effect_on_glibc():
+def test_allocator_tuning_keeps_freed_memory_for_the_next_allocation():
+    """The effect, measured: with the tuning a freed 64 MiB block is reused without page faults."""
     import platform
+    import subprocess
+    import sys
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
-    allocator.keep_freed_memory.cache_clear()
-    assert allocator.keep_freed_memory() is True
+    env = dict(os.environ, FLEXUNET_KEEP_FREED_MEMORY="1")
+    counts = {mode: int(subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True,
+                                       env=env, check=True).stdout) for mode in ("keep", "default")}
+    pages = 4 * 64 * 2**20 // 4096  # four allocations of fresh pages
+    assert counts["default"] >= 0.9 * pages, counts  # every allocation faults its pages in
+    assert counts["keep"] <= 0.6 * pages, counts  # the first (two) only; the rest reuse them
 
 
 def test_without_native_kernels_the_runner_falls_back_with_a_warning(model, monkeypatch):

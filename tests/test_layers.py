@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from flexunet.layers import ConvTranspose2dSame, Conv2dSame, MaxPool2dSame, Upsample
+from flexunet.nn.layers import ConvTranspose2dSame, Conv2dSame, MaxPool2dSame, Upsample
 from tests import tf_oracle
 
 RNG = np.random.default_rng(0)

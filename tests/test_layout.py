@@ -7,17 +7,11 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "flexunet"
 
-# Each module's layer; a module may import from its own layer and the layers below it only.
-LAYERS = {
-    "kernels": 0,  # operators and their CPU implementations: torch only
-    "validation": 1, "layers": 1, "blocks": 1, "encoder_decoder": 1, "unet": 1, "config": 1, "heads": 1,
-    "sleap_model": 1,  # the model, TensorFlow-exact
-    "config_tree": 2, "h5_reader": 2, "keras": 2, "checkpoint": 2, "keras_folder": 2, "sleap_nn": 2,
-    "folders": 2, "serialization": 2, "config_files": 2,  # files: Keras, SLEAP, sleap-nn, the native format
-    "export": 3, "summary": 3, "inference": 3, "predict": 3, "sleap": 3, "cli": 3, "__init__": 3,
-    "__main__": 3,  # on top
-}
+# A module's layer is its folder: flexunet/kernels, flexunet/nn, flexunet/io; everything else is on top.
+# A module may import from its own layer and the layers below it only.
+FOLDER_LAYERS = {"kernels": 0, "nn": 1, "io": 2}
 LAYER_NAMES = ["kernel", "model", "file", "top"]
+TOP = 3
 
 
 def module_name(path: Path) -> str:
@@ -27,9 +21,7 @@ def module_name(path: Path) -> str:
 
 def layer_of(module: str) -> int:
     parts = module.split(".")
-    if len(parts) == 1:  # the package itself
-        return LAYERS["__init__"]
-    return LAYERS[parts[1]]
+    return FOLDER_LAYERS.get(parts[1], TOP) if len(parts) > 1 else TOP
 
 
 def flexunet_imports(path: Path) -> dict[str, int]:
@@ -64,9 +56,17 @@ FILES = sorted(PACKAGE.rglob("*.py"))
 MODULES = {module_name(p): p for p in FILES}
 
 
-def test_every_module_has_a_layer():
-    missing = sorted(m for m in MODULES if m != "flexunet" and m.split(".")[1] not in LAYERS)
-    assert not missing, f"assign a layer in tests/test_layout.py to: {missing}"
+def test_layer_folders_exist_and_hold_modules():
+    for folder in FOLDER_LAYERS:
+        assert any(m.startswith(f"flexunet.{folder}.") for m in MODULES), f"flexunet/{folder} holds no module"
+
+
+@pytest.mark.parametrize("module, layer", [
+    ("flexunet.kernels.ops", 0), ("flexunet.kernels", 0), ("flexunet.nn.unet", 1), ("flexunet.io.keras", 2),
+    ("flexunet.sleap", 3), ("flexunet.predict.paf", 3), ("flexunet", 3),
+])
+def test_a_modules_layer_is_its_folder(module, layer):
+    assert layer_of(module) == layer
 
 
 def test_imports_point_down_the_layers():
@@ -117,7 +117,7 @@ def test_there_are_no_import_cycles():
 
 
 @pytest.mark.parametrize("source,expected", [
-    ("import flexunet.keras\n", {"flexunet.keras"}),
+    ("import flexunet.io.keras\n", {"flexunet.io.keras"}),
     ("def f():\n    from flexunet.sleap import load_model\n", {"flexunet.sleap"}),
     ("from flexunet.kernels import ops, native\n", {"flexunet.kernels.ops", "flexunet.kernels.native"}),
     ("from flexunet.kernels import conv3x3\n", {"flexunet.kernels"}),

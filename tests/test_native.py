@@ -247,7 +247,7 @@ def test_native_transposed_convolution_matches_tensorflow_semantics(n, cin, cout
 
 
 def test_transposed_layer_uses_the_native_kernel_and_refreshes_its_cache():
-    from flexunet.layers import ConvTranspose2dSame
+    from flexunet.nn.layers import ConvTranspose2dSame
     layer = ConvTranspose2dSame(32, 16, 3, 2).eval()
     x = torch.randn(2, 32, 5, 6)
     with torch.inference_mode():

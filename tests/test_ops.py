@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import flexunet
 from flexunet import kernels
 from flexunet.kernels import native, ops
-from flexunet.layers import Conv2dSame, ConvTranspose2dSame, MaxPool2dSame
+from flexunet.nn.layers import Conv2dSame, ConvTranspose2dSame, MaxPool2dSame
 
 CONV3X3 = torch.ops.flexunet.conv3x3.default
 TRANSPOSED = torch.ops.flexunet.conv_transpose_same.default

@@ -37,8 +37,8 @@ def test_parameter_count_and_strides_match_keras(case):
     model = build(meta)
     assert sum(p.numel() for p in model.parameters()) == meta["param_count"]
     assert model.num_params_from_specs() == meta["param_count"]
-    assert 2 * len(flexunet.keras.keras_layers(model)) == meta["n_trainable_weights"]
-    assert sorted(flexunet.keras.keras_layers(model)) == sorted(meta["weight_names"])
+    assert 2 * len(flexunet.io.keras.keras_layers(model)) == meta["n_trainable_weights"]
+    assert sorted(flexunet.io.keras.keras_layers(model)) == sorted(meta["weight_names"])
     assert model.encoder_features_stride == meta["encoder_features_stride"]
     assert model.decoder_features_stride == meta["decoder_features_stride"]
     assert model.stacks == meta["stacks"]
@@ -47,7 +47,7 @@ def test_parameter_count_and_strides_match_keras(case):
 @pytest.mark.parametrize("case", BACKBONE_CASES)
 def test_layer_output_shapes_match_keras(case):
     meta, _ = load_backbone_case(case)
-    rows = {r.name: list(r.output_shape) for r in summarize(build(meta), tuple(meta["input_hwc"])).rows}
+    rows = {r.name: list(r.output_shape) for r in summarize(build(meta), input_shape=tuple(meta["input_hwc"])).rows}
     assert {name: rows.get(name) for name in meta["layer_shapes"]} == meta["layer_shapes"]
 
 
@@ -57,7 +57,7 @@ def test_actual_tensor_shapes_match_keras_layer_shapes(case):
     meta, data = load_backbone_case(case)
     model = build(meta).eval()
     seen = {}
-    layers = flexunet.keras.keras_layers(model)
+    layers = flexunet.io.keras.keras_layers(model)
     for name, module in layers.items():
         module.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, list(o.shape[2:]) + [o.shape[1]]))
     with torch.no_grad():

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import flexunet
-from flexunet.heads import HeadSpec
+from flexunet.nn.heads import HeadSpec
 from flexunet.sleap import SleapModel, load_model, model_from_training_config
 from tests.conftest import BACKBONES, SLEAP_MODELS
 
@@ -75,12 +75,14 @@ def test_dtypes_and_layouts_are_handled():
 
 def test_nan_and_inf_propagate_without_error():
     model = flexunet.UNet(filters=4, down_blocks=2, up_blocks=2, up_interpolate=True).eval()
-    x = torch.rand(1, 1, 16, 16)
-    x[0, 0, 3, 3] = float("nan")
-    x[0, 0, 10, 10] = float("inf")
+    clean = torch.rand(1, 1, 16, 16)
+    with_nan, with_inf = clean.clone(), clean.clone()
+    with_nan[0, 0, 3, 3] = float("nan")
+    with_inf[0, 0, 10, 10] = float("inf")
     with torch.no_grad():
-        y = model(x)
-    assert torch.isnan(y).any() or torch.isinf(y).any()
+        assert torch.isfinite(model(clean)).all()
+        assert torch.isnan(model(with_nan)).any()  # NaN propagates
+        assert not torch.isfinite(model(with_inf)).all()  # inf propagates (as inf, or NaN where inf - inf)
 
 
 # ------------------------------------------------------------------ configs
@@ -164,7 +166,7 @@ def test_damaged_native_weights_name_the_file(tmp_path, damage):
 
 def _fake_helper(tmp_path, monkeypatch, body: str) -> None:
     """Replace the HDF5 reader script by one that runs `body`."""
-    from flexunet import keras
+    from flexunet.io import keras
 
     script = tmp_path / "helper.py"
     script.write_text(body)
@@ -175,7 +177,7 @@ def test_a_hanging_read_is_stopped(monkeypatch, tmp_path):
     """A read that never returns (as damaged HDF5 metadata can cause) ends as a ValueError."""
     import time
 
-    from flexunet import keras
+    from flexunet.io import keras
 
     monkeypatch.setattr(keras, "READ_TIMEOUT", 1.0)
     _fake_helper(tmp_path, monkeypatch, "import time\ntime.sleep(60)\n")
@@ -188,7 +190,7 @@ def test_a_hanging_read_is_stopped(monkeypatch, tmp_path):
 
 
 def test_a_crashing_read_is_contained(monkeypatch, tmp_path):
-    from flexunet import keras
+    from flexunet.io import keras
 
     _fake_helper(tmp_path, monkeypatch, "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
     path = tmp_path / "model.h5"
@@ -199,7 +201,7 @@ def test_a_crashing_read_is_contained(monkeypatch, tmp_path):
 
 def test_a_failing_helper_is_not_blamed_on_the_file(monkeypatch, reference, tmp_path):
     """A helper that cannot run is reported as such, with its reason; the valid file is not called damaged."""
-    from flexunet import keras
+    from flexunet.io import keras
 
     _fake_helper(tmp_path, monkeypatch, "import h5py_that_is_not_installed\n")
     with pytest.raises(RuntimeError, match="HDF5 reader failed.*ModuleNotFoundError.*not judged") as info:
@@ -208,7 +210,7 @@ def test_a_failing_helper_is_not_blamed_on_the_file(monkeypatch, reference, tmp_
 
 
 def test_without_an_interpreter_to_start_files_are_read_in_process(monkeypatch, reference):
-    from flexunet import keras
+    from flexunet.io import keras
 
     monkeypatch.setattr(keras, "_helper_command", lambda: None)
     layers = keras.read_keras_weights(BACKBONES / "tiny_reference.h5")
@@ -251,7 +253,7 @@ def test_keras_files_load_from_several_threads_while_a_model_runs(reference):
 
     with ThreadPoolExecutor(5) as pool:
         running = pool.submit(run_model)
-        reads = [pool.submit(flexunet.keras.read_keras_weights, path) for _ in range(4)]
+        reads = [pool.submit(flexunet.io.keras.read_keras_weights, path) for _ in range(4)]
         results = [r.result(timeout=300) for r in reads]
         running.result(timeout=300)
     assert all(sorted(r) == sorted(results[0]) for r in results)
@@ -267,7 +269,7 @@ class _LoadingDataset(torch.utils.data.Dataset):
         return 2
 
     def __getitem__(self, i):
-        return torch.from_numpy(flexunet.keras.read_keras_weights(self.path)["stack0_enc0_conv0"]["bias"])
+        return torch.from_numpy(flexunet.io.keras.read_keras_weights(self.path)["stack0_enc0_conv0"]["bias"])
 
 
 def test_keras_files_load_inside_dataloader_workers(reference):

@@ -41,7 +41,7 @@ def test_sleap_model_round_trip_is_bit_identical(reference, tmp_path, folder):
 
 
 def test_only_flexunet_architectures_are_saved_with_a_format_version(tmp_path):
-    from flexunet.heads import HeadSpec
+    from flexunet.nn.heads import HeadSpec
     from flexunet.sleap import SleapModel
 
     class BNNet(flexunet.EncoderDecoder):
@@ -57,7 +57,7 @@ def test_only_flexunet_architectures_are_saved_with_a_format_version(tmp_path):
     model = SleapModel(flexunet.UNet(filters=4, down_blocks=2, up_blocks=1), [
         HeadSpec("CentroidConfmapsHead", "CentroidConfmapsHead_0", 1, 2)])
     flexunet.save(model, tmp_path / "m")
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["format_version"] == flexunet.serialization.FORMAT_VERSION == 2
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["format_version"] == flexunet.io.serialization.FORMAT_VERSION == 3
 
 
 def test_newer_format_version_is_refused(tmp_path):
@@ -116,3 +116,43 @@ def test_version_1_files_still_load(tmp_path):
     assert loaded.alignment == "keras"
     x = torch.rand(1, 1, 16, 16)
     assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+def test_pad_to_stride_is_saved_and_restored(tmp_path):
+    model = flexunet.UNet(filters=4, down_blocks=2, up_blocks=2).eval()
+    model.pad_to_stride = True
+    flexunet.save(model, tmp_path / "m")
+    loaded = flexunet.load(tmp_path / "m")
+    assert loaded.pad_to_stride is True
+    x = torch.rand(1, 1, 30, 37)  # not a multiple of the stride: only runs with pad_to_stride
+    assert torch.equal(outputs(model, x)["y"], outputs(loaded, x)["y"])
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["pad_to_stride"] = "yes"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="pad_to_stride must be true or false"):
+        flexunet.load(tmp_path / "m")
+
+
+def test_load_model_reads_every_kind_from_its_folder_or_a_file_in_it(reference, tmp_path):
+    keras = SLEAP_MODELS / "minimal_instance.UNet.centroid"
+    sleap_nn = reference / "sleapnn_models" / "minimal_instance_centroid"
+    native = tmp_path / "native"
+    flexunet.save(load_model(keras), native)
+    x = torch.rand(1, 1, 64, 64)
+    for path, names in [(keras, ["CentroidConfmapsHead_0", "OffsetRefinementHead_0"]),
+                        (keras / "best_model.h5", None), (keras / "training_config.json", None),
+                        (sleap_nn, ["CentroidConfmapsHead"]), (sleap_nn / "best.ckpt", None),
+                        (native, ["CentroidConfmapsHead_0", "OffsetRefinementHead_0"]), (native / "config.json", None)]:
+        model = flexunet.load_model(path)
+        assert isinstance(model, flexunet.SleapModel)
+        if names is not None:
+            assert model.output_names == names
+    assert torch.equal(outputs(flexunet.load_model(native), x)["CentroidConfmapsHead_0"],
+                       outputs(load_model(keras), x)["CentroidConfmapsHead_0"])
+    with pytest.raises(FileNotFoundError, match="holds no model"):
+        flexunet.load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="model not found"):
+        flexunet.load_model(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a model file"):
+        flexunet.load_model(tmp_path / "notes.txt")

@@ -52,8 +52,8 @@ def test_every_folder_loads_with_its_heads(reference, folder):
         expected = (2, c) if stride is None else (2, c, side // stride, side // stride)
         assert tuple(outputs[name].shape) == expected
     # Every layer of the Keras file is used: nothing left over, nothing missing.
-    keras = flexunet.keras.read_keras_weights(SLEAP_MODELS / folder / "best_model.h5")
-    assert set(keras) == set(flexunet.keras.keras_layers(model))
+    keras = flexunet.io.keras.read_keras_weights(SLEAP_MODELS / folder / "best_model.h5")
+    assert set(keras) == set(flexunet.io.keras.keras_layers(model))
 
 
 def test_head_activations_follow_sleap(reference):
@@ -125,7 +125,7 @@ def test_untrained_model_from_a_training_config(reference):
     assert [h.name for h in model.head_specs] == ["MultiInstanceConfmapsHead_0", "PartAffinityFieldsHead_0",
                                                   "OffsetRefinementHead_0"]
     assert sum(p.numel() for p in model.parameters()) == sum(
-        a.size for layer in flexunet.keras.read_keras_weights(
+        a.size for layer in flexunet.io.keras.read_keras_weights(
             SLEAP_MODELS / "minimal_instance.UNet.bottomup" / "best_model.h5").values() for a in layer.values())
 
 

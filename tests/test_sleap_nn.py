@@ -12,9 +12,9 @@ import torch
 import yaml
 
 import flexunet
-from flexunet.checkpoint import read_checkpoint, read_state_dict
+from flexunet.io.checkpoint import read_checkpoint, read_state_dict
 from flexunet.sleap import load_model
-from flexunet.sleap_nn import load_sleap_nn_model, model_from_sleap_nn_config
+from flexunet.io.sleap_nn import load_sleap_nn_model, model_from_sleap_nn_config
 from tests.conftest import REFERENCE, TOLERANCE, require_reference
 
 SLEAP_NN = REFERENCE / "sleapnn_models"
@@ -198,7 +198,7 @@ class Refuse(importlib.abc.MetaPathFinder):
             raise ImportError("flexunet must not import " + name)
 sys.meta_path.insert(0, Refuse())
 import flexunet
-from flexunet.checkpoint import read_checkpoint
+from flexunet.io.checkpoint import read_checkpoint
 for name in ("minimal_instance_centroid", "v035_centroid_unet"):
     model = flexunet.sleap.load_model({str(SLEAP_NN)!r} + "/" + name)
 data = read_checkpoint({str(SLEAP_NN)!r} + "/v035_centroid_unet/best.ckpt")
@@ -245,8 +245,8 @@ BAD_CONFIGS = [
     (_set(f"{UNET}.output_stride", 16), rf"{UNET}.output_stride \(16\) must be <= max_stride \(8\)"),
     (_set(f"{UNET}.stem_stride", 4), rf"{UNET}.stem_stride is 4; .*without a stem"),
     (_set(f"{UNET}.stacks", 2), rf"{UNET}.stacks is 2"),
-    (_set("model_config.backbone_config.convnext", {"arch": "tiny"}), "convnext' backbone; .*only UNet backbones"),
-    (_set("model_config.backbone_config.unet", None), "names no backbone; .*only UNet backbones"),
+    (_set("model_config.backbone_config.convnext", {"arch": "tiny"}), "convnext' backbone; .*only 'unet' backbones"),
+    (_set("model_config.backbone_config.unet", None), "names no backbone; .*only 'unet' backbones"),
     (_set("model_config.head_configs.centroid", None), "head_configs must set exactly one of"),
     (_set("model_config.head_configs.centroid.confmaps.output_stride", "4"),
      "head_configs.centroid.confmaps.output_stride must be int"),

@@ -21,7 +21,7 @@ def test_default_unet_summary_figures():
 
 def test_flops_scale_with_the_input_area():
     model = UNet(filters=8)
-    assert summarize(model, (128, 256, 1)).flops == 2 * summarize(model, (128, 128, 1)).flops
+    assert summarize(model, (1, 128, 256)).flops == 2 * summarize(model, (1, 128, 128)).flops
 
 
 def test_activation_memory_matches_the_tensors_the_layers_produce():
@@ -32,16 +32,16 @@ def test_activation_memory_matches_the_tensors_the_layers_produce():
         nonlocal total
         total += output.numel() * 4
 
-    layers = flexunet.keras.keras_layers(model)
+    layers = flexunet.io.keras.keras_layers(model)
     weightless = [m for block in model.blocks.values() for m in block.modules()
-                  if isinstance(m, (torch.nn.MaxPool2d, flexunet.layers.MaxPool2dSame, flexunet.layers.Upsample))]
+                  if isinstance(m, (torch.nn.MaxPool2d, flexunet.nn.layers.MaxPool2dSame, flexunet.nn.layers.Upsample))]
     for m in list(layers.values()) + weightless:
         m.register_forward_hook(hook)
     with torch.no_grad():
         model(torch.zeros(1, 1, 32, 32))
     concat = sum(4 * r.output_shape[0] * r.output_shape[1] * r.output_shape[2]
-                 for r in summarize(model, (32, 32, 1)).rows if r.kind == "Concatenate")
-    assert summarize(model, (32, 32, 1)).activation_bytes == total + concat
+                 for r in summarize(model, (1, 32, 32)).rows if r.kind == "Concatenate")
+    assert summarize(model, (1, 32, 32)).activation_bytes == total + concat
 
 
 def empirical_receptive_field(model, size: int) -> int:
@@ -86,13 +86,24 @@ def test_receptive_field_matches_the_measured_one(kwargs):
 
 
 def test_summary_of_a_sleap_model_lists_heads():
-    from flexunet.heads import HeadSpec
+    from flexunet.nn.heads import HeadSpec
     from flexunet.sleap import SleapModel
 
     model = SleapModel(UNet(filters=4, down_blocks=3, up_blocks=2), [
         HeadSpec("CentroidConfmapsHead", "CentroidConfmapsHead_0", 1, 2),
         HeadSpec("ClassVectorsHead", "ClassVectorsHead", 3, 8, activation="softmax", num_fc_layers=2, num_fc_units=5),
     ])
-    s = summarize(model, (64, 64, 1))
+    s = summarize(model, (1, 64, 64))
     assert s.total_params == sum(p.numel() for p in model.parameters())
     assert "CentroidConfmapsHead_0" in str(s) and "32x32x1" in str(s) and "ClassVectorsHead" in str(s)
+
+
+def test_shapes_nchw_chw_and_the_sleap_alias_agree():
+    model = UNet(filters=8, down_blocks=2, up_blocks=2)
+    a, b = summarize(model, (2, 1, 64, 96)), summarize(model, (1, 64, 96))
+    c = summarize(model, input_shape=(64, 96, 1))  # SLEAP's (H, W, C)
+    assert a.flops == b.flops == c.flops and a.input_shape == c.input_shape == (64, 96, 1)
+    with pytest.raises(ValueError, match="channels"):
+        summarize(model, (64, 96, 1))  # read as C=64
+    with pytest.raises(TypeError, match="not both"):
+        summarize(model, (1, 64, 96), input_shape=(64, 96, 1))

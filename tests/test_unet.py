@@ -120,7 +120,7 @@ def test_configs_round_trip_through_json():
 
 
 def test_layer_names_map_to_keras_names_mechanically():
-    names = set(flexunet.keras.keras_layers(UNet(stem_blocks=1, down_blocks=3, up_blocks=3)))
+    names = set(flexunet.io.keras.keras_layers(UNet(stem_blocks=1, down_blocks=3, up_blocks=3)))
     for expected in ["stem0_conv0", "stem0_conv1", "stack0_enc0_conv0", "stack0_enc4_middle_expand_conv0",
                      "stack0_enc5_middle_contract_conv0", "stack0_dec0_s16_to_s8_trans_conv",
                      "stack0_dec0_s16_to_s8_refine_conv1"]:
@@ -128,7 +128,7 @@ def test_layer_names_map_to_keras_names_mechanically():
     model = UNet(filters=4, down_blocks=2, up_blocks=2)
     for key in model.state_dict():
         block, layer, _ = key.split(".")[1:]
-        assert f"{block}_{layer}" in flexunet.keras.keras_layers(model)
+        assert f"{block}_{layer}" in flexunet.io.keras.keras_layers(model)
 
 
 class LeapCNN(EncoderDecoder):

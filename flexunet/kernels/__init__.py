@@ -1,6 +1,6 @@
 """The kernel layer: fast CPU implementations of the model's convolutions, behind PyTorch operators.
 
-The model layer (`flexunet.layers`) states TensorFlow's semantics and asks
+The model layer (`flexunet.nn.layers`) states TensorFlow's semantics and asks
 this package for a fast result in one call:
 
     fast = kernels.conv3x3(x, weight, bias, relu, skip, upsample)  # a Tensor, or None: the plain path

@@ -159,13 +159,10 @@ def library() -> Optional[ctypes.CDLL]:
     if os.environ.get("FLEXUNET_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     compiler = _compiler()
-    reason = None
     directory, reason = private_cache_dir()
-    if directory is None:
-        pass
-    elif compiler is None:
+    if directory is not None and compiler is None:
         reason = "no C compiler found (set CC)"
-    else:
+    elif directory is not None:
         try:
             lib = ctypes.CDLL(str(_build(compiler, directory)))
             ptr, i = ctypes.c_void_p, ctypes.c_int

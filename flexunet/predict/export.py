@@ -39,8 +39,8 @@ from flexunet.predict.peaks import crop, global_peaks, local_peak_count, top_loc
 from flexunet.predict.predictions import FramePoses, Predictions
 from flexunet.predict.predictor import (Options, Predictor, bottomup_poses, centroid_poses,
                                         multi_class_bottomup_poses, single_instance_poses, topdown_poses)
+from flexunet.nn.validation import check_int
 from flexunet.predict.preprocess import Preprocessing, as_frames
-from flexunet.validation import check_int
 
 METADATA_KEY = "flexunet_keypoints"
 

@@ -9,8 +9,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from flexunet.config_tree import read_json, read_yaml
-from flexunet.folders import KERAS_FILES, SLEAP_NN_FILES, require_kind
+from flexunet.io.config_tree import read_json, read_yaml
+from flexunet.io.folders import KERAS_FILES, SLEAP_NN_FILES, require_kind
 
 # SLEAP's Keras head sections -> sleap-nn's model type names.
 _KERAS_TYPES = {"single_instance": "single_instance", "centroid": "centroid", "centered_instance": "centered_instance",

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from flexunet.validation import check_int
+from flexunet.nn.validation import check_int
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,14 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from flexunet.folders import load_model
+from flexunet.io.folders import load_model
+from flexunet.nn.sleap_model import SleapModel
+from flexunet.nn.validation import check_int
 from flexunet.predict import identity, paf
 from flexunet.predict.model_info import ModelInfo, read_model_info
 from flexunet.predict.peaks import REFINEMENTS, crop, global_peaks, local_peaks, window_origins
 from flexunet.predict.predictions import FramePoses, Predictions
 from flexunet.predict.preprocess import Preprocessing, as_frames
-from flexunet.sleap_model import SleapModel
-from flexunet.validation import check_int
 
 SINGLE_FOLDER_TYPES = ("single_instance", "centroid", "bottomup", "multi_class_bottomup")
 SECOND_STAGE_TYPES = ("centered_instance", "multi_class_topdown")

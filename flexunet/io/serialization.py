@@ -9,17 +9,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from flexunet.config_tree import read_json
-from flexunet.heads import HeadSpec
-from flexunet.sleap_model import SleapModel
-from flexunet.unet import UNet
-from flexunet.validation import check_keys, mismatch_message
+from flexunet.io.config_tree import read_json
+from flexunet.io.weights import load_checked
+from flexunet.nn.heads import HeadSpec
+from flexunet.nn.sleap_model import SleapModel
+from flexunet.nn.unet import UNet
+from flexunet.nn.validation import check_keys
 
 # 2: the UNet's `alignment` and the SleapModel's `convert_channels` (sleap-nn models).
-FORMAT_VERSION = 2
+# 3: `pad_to_stride`.
+FORMAT_VERSION = 3
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-_KEYS = {"format_version", "architecture", "unet", "heads", "convert_channels"}
+_KEYS = {"format_version", "architecture", "unet", "heads", "convert_channels", "pad_to_stride"}
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:
@@ -27,9 +29,10 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     if isinstance(model, SleapModel):
         return {"format_version": FORMAT_VERSION, "architecture": "SleapModel",
                 "unet": model.backbone.to_dict(), "heads": [h.to_dict() for h in model.head_specs],
-                "convert_channels": model.convert_channels}
+                "convert_channels": model.convert_channels, "pad_to_stride": model.pad_to_stride}
     if isinstance(model, UNet):
-        return {"format_version": FORMAT_VERSION, "architecture": "UNet", "unet": model.to_dict()}
+        return {"format_version": FORMAT_VERSION, "architecture": "UNet", "unet": model.to_dict(),
+                "pad_to_stride": model.pad_to_stride}
     raise TypeError(f"flexunet.save supports UNet and SleapModel models, got {type(model).__name__}.")
 
 
@@ -46,6 +49,15 @@ def model_from_config(config: Any, source: str = CONFIG_FILE) -> nn.Module:
             f"{source} was written in format version {version}, newer than this flexunet reads "
             f"({FORMAT_VERSION}); upgrade flexunet to load it."
         )
+    pad = config.get("pad_to_stride", False)
+    if not isinstance(pad, bool):
+        raise ValueError(f"{source}: pad_to_stride must be true or false, got {pad!r}.")
+    model = _build(config, source)
+    model.pad_to_stride = pad
+    return model
+
+
+def _build(config: dict, source: str) -> nn.Module:
     arch = config.get("architecture")
     if arch not in ("UNet", "SleapModel"):
         raise ValueError(f"{source}: architecture must be 'UNet' or 'SleapModel', got {arch!r}.")
@@ -105,17 +117,8 @@ def load(directory: str | os.PathLike) -> nn.Module:
     except (ValueError, TypeError) as err:  # a file's content is a ValueError, whatever the field's type
         message = str(err)
         raise ValueError(message if config_path in message else f"{config_path}: {message}") from None
-    state = read_safetensors(weights_path)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    report = mismatch_message(f"{weights_path} does not match {config_path}:", [
-        ("missing tensors", missing, ", "), ("unexpected tensors", unexpected, ", "), ("mismatched", mismatched, "; ")])
-    if report:
-        raise ValueError(report)
-    model.load_state_dict(state)
+    load_checked(model, read_safetensors(weights_path), f"{weights_path} does not match {config_path}:",
+                 labels=("missing tensors", "unexpected tensors"))
     return model.eval()
 
 

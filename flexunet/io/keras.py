@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from flexunet import h5_reader
-from flexunet.validation import mismatch_message
+from flexunet.io import h5_reader
+from flexunet.nn.validation import mismatch_message
 
 # Keras weight name -> (PyTorch attribute, Keras-to-PyTorch array transform), per module type.
 _CONV = {"kernel": ("weight", lambda a: a.transpose(3, 2, 0, 1)), "bias": ("bias", None)}
@@ -72,7 +72,7 @@ def keras_layers(model: nn.Module) -> dict[str, nn.Module]:
 # Seconds a read of one .h5 file may take. Damaged HDF5 metadata can send the HDF5 library
 # into an endless loop or a crash, so files are read by a helper interpreter stopped then.
 READ_TIMEOUT = 120.0
-# The helper: a script that imports only h5py and NumPy (see `flexunet.h5_reader`).
+# The helper: a script that imports only h5py and NumPy (see `flexunet.io.h5_reader`).
 HELPER_SCRIPT = Path(h5_reader.__file__)
 
 
@@ -82,7 +82,7 @@ def read_keras_weights(path: str | os.PathLike) -> dict[str, dict[str, np.ndarra
     Accepts whole-model files (weights under `model_weights/`, as SLEAP saves) and
     `save_weights` files (layers at the root). The file is read by a fresh
     interpreter, so a damaged file cannot hang or crash the caller (see
-    `READ_TIMEOUT` and `flexunet.h5_reader`).
+    `READ_TIMEOUT` and `flexunet.io.h5_reader`).
 
     Returns:
         `{layer_name: {weight_name: array}}` with weight names like "kernel", "bias",
@@ -97,16 +97,9 @@ def read_keras_weights(path: str | os.PathLike) -> dict[str, dict[str, np.ndarra
     return _read("weights", path)[0]
 
 
-def read_keras_model_config(path: str | os.PathLike) -> dict | None:
-    """The Keras model graph (`model_config` attribute) of a whole-model `.h5`, or None.
-
-    Read by a helper interpreter like `read_keras_weights`.
-    """
-    return _read("config", path)[1]
-
-
 def read_keras_file(path: str | os.PathLike) -> tuple[dict[str, dict[str, np.ndarray]], dict | None]:
-    """`(read_keras_weights(path), read_keras_model_config(path))` in one guarded read."""
+    """The layer weights and the Keras model graph (the `model_config` attribute of a whole-model
+    `.h5`, else None) in one guarded read, by a helper interpreter like `read_keras_weights`."""
     return _read("both", path)
 
 
@@ -122,7 +115,7 @@ def _read(mode: str, path: str | os.PathLike) -> tuple:
             done = subprocess.run([*command, mode, os.path.abspath(path), out], stdin=subprocess.DEVNULL,
                                   capture_output=True, timeout=READ_TIMEOUT)
         except subprocess.TimeoutExpired:
-            raise ValueError(f"{path}: reading took longer than {READ_TIMEOUT:g} s (flexunet.keras.READ_TIMEOUT); "
+            raise ValueError(f"{path}: reading took longer than {READ_TIMEOUT:g} s (flexunet.io.keras.READ_TIMEOUT); "
                              "the HDF5 file is damaged.") from None
         except OSError as err:
             raise RuntimeError(f"flexunet could not start its HDF5 reader ({command[0]}) for {path}: {err}") from None
@@ -231,8 +224,5 @@ def load_keras_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             names the file and lists every missing, unexpected and mismatched layer).
     """
     update = keras_state_dict(model, read_keras_weights(path), os.fspath(path))
-    state = model.state_dict()
-    with torch.no_grad():
-        for key, value in update.items():
-            state[key].copy_(value)
+    model.load_state_dict({**model.state_dict(), **update})  # Keras holds the weights; buffers stay
     return model

@@ -8,12 +8,12 @@ import os
 
 from torch import nn
 
-from flexunet.config import UNetConfig
-from flexunet.config_tree import read_json
-from flexunet.serialization import model_from_config
-from flexunet.keras_folder import model_from_training_config
-from flexunet.sleap_nn import model_from_sleap_nn_config, read_yaml
-from flexunet.unet import UNet
+from flexunet.io.config_tree import read_json
+from flexunet.io.keras_folder import model_from_training_config
+from flexunet.io.serialization import model_from_config
+from flexunet.io.sleap_nn import model_from_sleap_nn_config, read_yaml
+from flexunet.nn.config import UNetConfig
+from flexunet.nn.unet import UNet
 
 _UNET_CONFIG_KEYS = {"stem_stride", "max_stride", "output_stride"}
 

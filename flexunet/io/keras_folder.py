@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from flexunet.config import UNetConfig
-from flexunet.config_tree import ConfigNode, power_of_two, read_json
-from flexunet.heads import HEAD_KINDS, HeadSpec
-from flexunet.keras import keras_state_dict, read_keras_file
-from flexunet.sleap_model import SleapModel
-from flexunet.unet import UNet
+from flexunet.io.config_tree import ConfigNode, power_of_two, read_json, require_unet
+from flexunet.io.keras import keras_state_dict, read_keras_file
+from flexunet.nn.config import UNetConfig
+from flexunet.nn.heads import HEAD_KINDS, HeadSpec
+from flexunet.nn.sleap_model import SleapModel
+from flexunet.nn.unet import UNet
 
 BACKBONES = ("leap", "unet", "hourglass", "resnet", "pretrained_encoder")
 _UNET_KEYS = {"stem_stride", "max_stride", "output_stride", "filters", "filters_rate", "middle_block",
@@ -51,24 +51,11 @@ def _count(section: ConfigNode, key: str) -> Optional[int]:
     return None if value is None else len(value)
 
 
-def unet_config_from_training_config(config: dict, source: str = "training_config.json") -> UNetConfig:
-    """The `UNetConfig` of a SLEAP training config, output stride taken from its heads."""
-    return _backbone_and_heads(config, source)[0]
-
-
 def _backbone_and_heads(config: Any, source: str) -> tuple[UNetConfig, list[dict]]:
     if not isinstance(config, dict):
         raise ValueError(f"{source} must hold a JSON object, got {type(config).__name__}.")
     model = ConfigNode(config, "", source).section("model")
-    backbone = model.section("backbone", set(BACKBONES))
-    chosen = [k for k in BACKBONES if backbone.value.get(k) is not None]
-    if chosen != ["unet"]:
-        if not chosen:
-            raise backbone.error(f"names no backbone; flexunet supports 'unet' (one of {', '.join(BACKBONES)}).")
-        other = [k for k in chosen if k != "unet"]
-        raise backbone.error(
-            f"uses the {other[0]!r} backbone; flexunet supports only 'unet' backbones."
-        )
+    backbone = require_unet(model.section("backbone", set(BACKBONES)), BACKBONES)
     unet = backbone.section("unet", _UNET_KEYS)
     head_list = _head_entries(model.section("heads", set(_HEAD_SECTIONS)))
     stem = unet.get("stem_stride", int, default=None, check=power_of_two)
@@ -252,4 +239,4 @@ def load_keras_folder(model_dir: str) -> SleapModel:
     return model.eval()
 
 
-__all__ = ["KERAS_FILES", "load_keras_folder", "model_from_training_config", "unet_config_from_training_config"]
+__all__ = ["KERAS_FILES", "load_keras_folder", "model_from_training_config"]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
-from flexunet.encoder_decoder import crop_to_input
-from flexunet.heads import HeadSpec
-from flexunet.unet import UNet
+from flexunet.nn.encoder_decoder import crop_to_input
+from flexunet.nn.heads import HeadSpec
+from flexunet.nn.unet import UNet
 
 
 class HeadRoute(NamedTuple):
@@ -129,8 +129,3 @@ class SleapModel(nn.Module):
     def output_names(self) -> list[str]:
         """The keys of `forward`'s dict, in order."""
         return [route.name for route in self._routes]
-
-    def to_config(self) -> dict[str, Any]:
-        """Everything needed to rebuild the model (see `flexunet.save`)."""
-        return {"backbone": self.backbone.to_dict(), "heads": [h.to_dict() for h in self.head_specs],
-                "convert_channels": self.convert_channels}

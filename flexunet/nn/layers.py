@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexunet import kernels
-from flexunet.validation import check_choice
+from flexunet.nn.validation import check_choice
 
 # Keras' BatchNormalization defaults (momentum 0.99 is 1 - 0.01 in PyTorch's convention).
 KERAS_BN_EPS = 1e-3
@@ -57,7 +57,7 @@ class Conv2dSame(nn.Conv2d):
             if fast is not None:
                 return fast
         if upsample is not None:
-            x = Upsample(2, upsample)(x)
+            x = upsampled(x, 2, upsample)
         if skip is not None:
             x = torch.cat([skip, x], dim=1)  # (N, C_skip + C, H, W), as SLEAP concatenates
         if self.asymmetric_pad is not None:
@@ -169,9 +169,14 @@ class Upsample(nn.Module):
         return f"scale={self.scale}, mode={self.mode!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "bilinear":
-            return F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
-        return F.interpolate(x, scale_factor=self.scale, mode="nearest")
+        return upsampled(x, self.scale, self.mode)
+
+
+def upsampled(x: torch.Tensor, scale: int, mode: str) -> torch.Tensor:
+    """Keras `UpSampling2D` of `x` by `scale`: "nearest", or "bilinear" with half-pixel centres."""
+    if mode == "bilinear":
+        return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+    return F.interpolate(x, scale_factor=scale, mode="nearest")
 
 
 class KerasHardSigmoid(nn.Module):

@@ -1,7 +1,7 @@
 """Read the weights and graph of a Keras 2 `.h5` file with h5py and NumPy only.
 
 The functions here run in the caller's process or, as a script, in a fresh
-interpreter (`python -P h5_reader.py MODE FILE OUT`): `flexunet.keras` starts
+interpreter (`python -P h5_reader.py MODE FILE OUT`): `flexunet.io.keras` starts
 one per read so that a damaged file that hangs or crashes the HDF5 library
 cannot take the caller with it. The script imports neither flexunet nor torch
 (it starts in a fraction of a second), never runs the caller's `__main__`, and

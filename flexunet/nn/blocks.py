@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from flexunet.layers import (
+from flexunet.nn.layers import (
     ACTIVATIONS,
     ALIGNMENTS,
     Conv2dSame,
@@ -32,7 +32,7 @@ from flexunet.layers import (
     batch_norm,
     make_activation,
 )
-from flexunet.validation import check_bool, check_choice, check_int, check_keys, check_optional_int
+from flexunet.nn.validation import check_bool, check_choice, check_int, check_keys, check_optional_int
 
 INTERP_METHODS = ("bilinear", "nearest")
 JOINS = ("Concatenate", "Add")

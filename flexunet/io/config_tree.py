@@ -92,6 +92,18 @@ class ConfigNode:
         return value
 
 
+def require_unet(backbone: ConfigNode, names: tuple[str, ...]) -> ConfigNode:
+    """The `unet` section of a backbone section that may set one of `names`; any other is refused by name."""
+    chosen = [k for k in names if isinstance(backbone.value, dict) and backbone.value.get(k) is not None]
+    if chosen != ["unet"]:
+        if not chosen:
+            raise backbone.error(f"names no backbone; flexunet supports only 'unet' backbones "
+                                 f"(one of {', '.join(names)} must be set, and it must be 'unet').")
+        other = [k for k in chosen if k != "unet"]
+        raise backbone.error(f"uses the {other[0]!r} backbone; flexunet supports only 'unet' backbones.")
+    return backbone
+
+
 def power_of_two(value) -> Optional[str]:
     """A `check` for `ConfigNode.get`: strides must be 1, 2, 4, ..."""
     return None if value >= 1 and not value & (value - 1) else "must be a power of two"

@@ -7,11 +7,11 @@ import json
 import math
 from typing import Any, Optional
 
-from flexunet.blocks import PoolingBlock, SimpleConvBlock, SimpleUpsamplingBlock
-from flexunet.config import UNetConfig
-from flexunet.encoder_decoder import EncoderDecoder
-from flexunet.layers import ALIGNMENTS
-from flexunet.validation import check_bool, check_choice, check_int, check_keys, check_positive_number
+from flexunet.nn.blocks import PoolingBlock, SimpleConvBlock, SimpleUpsamplingBlock
+from flexunet.nn.config import UNetConfig
+from flexunet.nn.encoder_decoder import EncoderDecoder
+from flexunet.nn.layers import ALIGNMENTS
+from flexunet.nn.validation import check_bool, check_choice, check_int, check_keys, check_positive_number
 
 
 # Upper bounds that keep a typo (down_blocks=400) from building for hours.

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from flexunet.blocks import DecoderBlock, EncoderBlock, LayerInfo
-from flexunet.validation import check_int, nearest_multiples
+from flexunet.nn.blocks import DecoderBlock, EncoderBlock, LayerInfo
+from flexunet.nn.validation import check_int, nearest_multiples
 
 
 def crop_to_input(t: torch.Tensor, stride: int, size: tuple[int, int]) -> torch.Tensor:

@@ -4,7 +4,7 @@ Every confidence-map-like head is a 1x1 convolution with an activation,
 attached to the backbone output or to the decoder feature at the head's
 stride. The class-vectors head pools globally and runs fully connected layers.
 Module names follow Keras: a head's layers are entries of a `ModuleDict`
-named exactly like the Keras layers (see `flexunet.keras`).
+named exactly like the Keras layers (see `flexunet.io.keras`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from flexunet.layers import ACTIVATIONS, Conv2dSame, make_activation
-from flexunet.validation import check_bool, check_choice, check_int, check_keys
+from flexunet.nn.layers import ACTIVATIONS, Conv2dSame, make_activation
+from flexunet.nn.validation import check_bool, check_choice, check_int, check_keys
 
 # SLEAP head class -> default activation of its output layer.
 HEAD_KINDS = {

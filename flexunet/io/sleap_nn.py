@@ -5,7 +5,7 @@ A sleap-nn model folder holds `training_config.yaml` (sections `data_config`,
 flexunet rebuilds the UNet and heads from `model_config` with sleap-nn's
 numerics (`UNet(alignment="sleap_nn")`: its transposed convolutions are aligned
 one pixel apart from Keras'), and reads the weights with a restricted unpickler
-(`flexunet.checkpoint`): neither sleap-nn, Lightning nor OmegaConf is needed,
+(`flexunet.io.checkpoint`): neither sleap-nn, Lightning nor OmegaConf is needed,
 and nothing in the file is run.
 
     >>> model = flexunet.sleap.load_model("models/centroid_sleap_nn")  # dispatches here
@@ -24,13 +24,13 @@ from typing import Any, Optional
 
 import torch
 
-from flexunet.checkpoint import read_state_dict
-from flexunet.config_tree import ConfigNode, power_of_two, read_yaml
-from flexunet.heads import HEAD_KINDS, HeadSpec
-from flexunet.keras import keras_layers
-from flexunet.sleap_model import SleapModel
-from flexunet.unet import UNet
-from flexunet.validation import mismatch_message
+from flexunet.io.checkpoint import read_state_dict
+from flexunet.io.config_tree import ConfigNode, power_of_two, read_yaml, require_unet
+from flexunet.io.keras import keras_layers
+from flexunet.io.weights import load_checked
+from flexunet.nn.heads import HEAD_KINDS, HeadSpec
+from flexunet.nn.sleap_model import SleapModel
+from flexunet.nn.unet import UNet
 
 CONFIG_FILE = "training_config.yaml"
 CHECKPOINT_FILE = "best.ckpt"
@@ -85,14 +85,7 @@ def _skeleton(config: Any) -> tuple[Optional[int], Optional[int]]:
 
 def _unet(backbone: ConfigNode) -> dict:
     """UNet constructor arguments from `backbone_config.unet`."""
-    chosen = [k for k in BACKBONES if isinstance(backbone.value, dict) and backbone.value.get(k) is not None]
-    if chosen != ["unet"]:
-        if not chosen:
-            raise backbone.error(f"names no backbone; flexunet supports only UNet backbones "
-                                 f"(one of {', '.join(BACKBONES)} must be set, and it must be 'unet').")
-        other = [k for k in chosen if k != "unet"]
-        raise backbone.error(f"uses the {other[0]!r} backbone; flexunet supports only UNet backbones.")
-    unet = backbone.section("unet", _UNET_KEYS)
+    unet = require_unet(backbone, BACKBONES).section("unet", _UNET_KEYS)
     stem = unet.get("stem_stride", int, default=None)
     if stem is not None:
         raise ValueError(f"{unet.source}: {unet.path}.stem_stride is {stem}; flexunet runs sleap-nn UNets without "
@@ -310,24 +303,9 @@ def load_sleap_nn_model(model_dir: str | os.PathLike) -> SleapModel:
     _in_features(entries, state)
     model = _build(params, entries, _head_channels(entries, state), config_path)
     mapping, unexpected = _checkpoint_names(model, state)
-    targets = model.state_dict()
-    mismatched = []
-    update = {}
-    for key, ours in mapping.items():
-        value, target = state[key], targets.get(ours)
-        if target is None:
-            unexpected.append(key)
-        elif not value.is_floating_point() or tuple(value.shape) != tuple(target.shape):
-            mismatched.append(f"{key}: file has {value.dtype} {tuple(value.shape)}, model needs {tuple(target.shape)}")
-        else:
-            update[ours] = value.to(target.dtype)
-    missing = sorted(set(targets) - set(mapping.values()))
-    report = mismatch_message(f"{weights_path} does not match {config_path}:", [
-        ("missing from the checkpoint", missing, ", "), ("not in the model", sorted(unexpected), ", "),
-        ("mismatched", mismatched, "; ")])
-    if report:
-        raise ValueError(report)
-    model.load_state_dict(update)
+    load_checked(model, {ours: state[key] for key, ours in mapping.items()},
+                 f"{weights_path} does not match {config_path}:",
+                 labels=("missing from the checkpoint", "not in the model"), unexpected=unexpected)
     return model.eval()
 
 

@@ -1,7 +1,7 @@
 """SLEAP model folders of both eras: telling them apart and loading either.
 
-* SLEAP <= 1.4: `training_config.json` + `best_model.h5` (`flexunet.keras_folder`);
-* SLEAP >= 1.5: `training_config.yaml` + `best.ckpt`, trained by sleap-nn (`flexunet.sleap_nn`).
+* SLEAP <= 1.4: `training_config.json` + `best_model.h5` (`flexunet.io.keras_folder`);
+* SLEAP >= 1.5: `training_config.yaml` + `best.ckpt`, trained by sleap-nn (`flexunet.io.sleap_nn`).
 """
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from flexunet import sleap_nn
-from flexunet.keras_folder import KERAS_FILES, load_keras_folder
-from flexunet.sleap_model import SleapModel
+from torch import nn
+
+from flexunet.io import serialization, sleap_nn
+from flexunet.io.keras_folder import KERAS_FILES, load_keras_folder
+from flexunet.nn.sleap_model import SleapModel
 
 SLEAP_NN_FILES = (sleap_nn.CONFIG_FILE, sleap_nn.CHECKPOINT_FILE)
 
@@ -59,7 +61,7 @@ def load_model(model_dir: str | os.PathLike) -> SleapModel:
       sizes the config leaves open from the weights. Keras numerics; outputs keyed
       by the Keras output layer names.
     * SLEAP >= 1.5 (`training_config.yaml` + `best.ckpt`, trained by sleap-nn):
-      see `flexunet.sleap_nn.load_sleap_nn_model`. sleap-nn numerics; outputs
+      see `flexunet.io.sleap_nn.load_sleap_nn_model`. sleap-nn numerics; outputs
       keyed by sleap-nn's head names.
 
     The kind is told apart by the weights file; each runs with its own numerics.
@@ -87,4 +89,28 @@ def load_model(model_dir: str | os.PathLike) -> SleapModel:
         raise ValueError(message) from None
 
 
-__all__ = ["KERAS_FILES", "SLEAP_NN_FILES", "folder_kind", "load_model", "require_kind"]
+NATIVE_FILES = (serialization.CONFIG_FILE, serialization.WEIGHTS_FILE)
+
+
+def load_any(path: str | os.PathLike) -> nn.Module:
+    """Any model flexunet reads, from its folder or a file in it (see `flexunet.load_model`)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model not found: {path}")
+    folder = path
+    if os.path.isfile(path):
+        name = os.path.basename(path)
+        if name not in (*KERAS_FILES, *SLEAP_NN_FILES, *NATIVE_FILES):
+            raise ValueError(f"{path} is not a model file flexunet reads: pass a model folder, or one of its "
+                             f"{', '.join((*KERAS_FILES, *SLEAP_NN_FILES, *NATIVE_FILES))}.")
+        folder = os.path.dirname(path) or "."
+    if folder_kind(folder) is not None:
+        return load_model(folder)
+    if os.path.isfile(os.path.join(folder, NATIVE_FILES[0])) or os.path.isfile(os.path.join(folder, NATIVE_FILES[1])):
+        return serialization.load(folder)
+    raise FileNotFoundError(
+        f"{folder} holds no model flexunet reads: a SLEAP folder ({' + '.join(KERAS_FILES)}), a sleap-nn folder "
+        f"({' + '.join(SLEAP_NN_FILES)}) or a flexunet one ({' + '.join(NATIVE_FILES)}).")
+
+
+__all__ = ["KERAS_FILES", "NATIVE_FILES", "SLEAP_NN_FILES", "folder_kind", "load_any", "load_model", "require_kind"]

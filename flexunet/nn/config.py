@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from flexunet.validation import (
+from flexunet.nn.validation import (
     check_bool,
     check_int,
     check_keys,
