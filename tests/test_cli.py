@@ -78,8 +78,8 @@ def test_help_documents_every_option_with_defaults(command):
 
 
 @pytest.mark.parametrize("make_source,message", [
-    (lambda tmp: tmp / "missing", "flexunet model directory not found"),
-    (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "has no model.safetensors"),
+    (lambda tmp: tmp / "missing", "model not found"),
+    (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "holds no model flexunet reads"),
 ])
 def test_convert_errors_exit_2_with_one_line(tmp_path, make_source, message):
     result = run("convert", str(make_source(tmp_path)), str(tmp_path / "out"))

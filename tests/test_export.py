@@ -109,5 +109,7 @@ def test_input_validation_survives_tracing():
     # with fullgraph=True it is wrapped, but its sentence is kept.
     with pytest.raises(ValueError, match="multiple of the maximum stride 8"):
         torch.compile(model, backend="eager")(torch.rand(1, 1, 20, 16))
-    with pytest.raises(torch._dynamo.exc.TorchDynamoException, match="multiple of the maximum stride 8, got 20"):
+    # (Dynamo wraps it where the graph holds flexunet's operators, on CPUs with the native kernels.)
+    with pytest.raises((ValueError, torch._dynamo.exc.TorchDynamoException),
+                       match="multiple of the maximum stride 8, got 20"):
         torch.compile(model, fullgraph=True, backend="eager")(torch.rand(1, 1, 20, 16))

@@ -93,6 +93,8 @@ def test_conv_layer_uses_winograd_and_stays_exact(fused, monkeypatch):
         monkeypatch.setattr(native, "available", lambda: False)
     elif not native.available():
         pytest.skip("native kernels unavailable here (no C compiler)")
+    else:
+        monkeypatch.setenv("FLEXUNET_NATIVE", "1")  # on any CPU, not only where they are the default
     layer = Conv2dSame(256, 256, 3).eval()
     x = torch.randn(2, 256, 12, 20).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():

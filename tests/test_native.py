@@ -1,4 +1,8 @@
-"""The fused native Winograd kernel: exact, used by default, and optional."""
+"""The fused native Winograd kernel: exact, used by default where it pays off (AVX-512), and optional.
+
+Every test here runs the kernels, on any CPU (`FLEXUNET_NATIVE=1`): built for AVX2 they are slower
+than the PyTorch paths, and not the default there, but they must be exact everywhere.
+"""
 
 import os
 import warnings
@@ -14,6 +18,24 @@ if not native.available():
     if os.environ.get("CI"):
         raise RuntimeError("CI runs on a machine with a C compiler: the native kernels must build there.")
     pytest.skip("native kernels unavailable here (no C compiler)", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def native_kernels_on(monkeypatch):
+    monkeypatch.setenv("FLEXUNET_NATIVE", "1")
+
+
+def test_the_default_is_the_kernels_on_avx512_only(monkeypatch):
+    monkeypatch.delenv("FLEXUNET_NATIVE")
+    assert native.preferred() == native._has_avx512()
+    monkeypatch.setenv("FLEXUNET_NATIVE", "1")
+    assert native.preferred()
+    monkeypatch.setenv("FLEXUNET_NATIVE", "0")
+    native.library.cache_clear()
+    try:
+        assert not native.preferred()
+    finally:
+        native.library.cache_clear()
 
 
 def _native(x, weight, bias, relu=False, dtype=torch.float32, skip=None, upsample=None):
@@ -177,7 +199,7 @@ def test_native_winograd_rejects_what_it_cannot_take():
 
 
 def test_unet_uses_the_native_kernel_by_default(monkeypatch):
-    """Default inference goes through the fused kernel and equals the pure-PyTorch path."""
+    """Inference goes through the fused kernel (by default on AVX-512) and equals the pure-PyTorch path."""
     torch.manual_seed(0)
     model = flexunet.UNet(filters=16, down_blocks=2, up_blocks=2).eval()
     x = torch.rand(2, 1, 40, 40)

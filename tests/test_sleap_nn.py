@@ -319,7 +319,7 @@ def test_weights_that_do_not_fit_the_config_are_listed(tmp_path):
     config = _config()
     config["model_config"]["backbone_config"]["unet"]["filters"] = 8
     (model_dir / "training_config.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(ValueError, match=r"(?s)best.ckpt does not match .*training_config.yaml.*mismatched.*stack0_enc0_conv0"):
+    with pytest.raises(ValueError, match=r"(?s)best.ckpt does not match .*training_config.yaml.*mismatched.*stack0_enc0\.conv0"):
         load_model(model_dir)
 
 
