@@ -88,7 +88,11 @@ def _keras_skeleton(config: dict, source: str) -> tuple[tuple[str, ...], tuple[t
     skeletons = _section(config, "data", "labels").get("skeletons")
     if not skeletons:
         return (), (), "Skeleton-0"
-    from sleap_io.io.skeleton import SkeletonDecoder
+    try:
+        from sleap_io.io.skeleton import SkeletonDecoder
+    except ImportError:
+        raise ImportError(f"{source}: reading a SLEAP <= 1.4 skeleton (jsonpickle) needs sleap-io: "
+                          "pip install \"flexunet[predict]\"") from None
 
     try:
         skeleton = SkeletonDecoder().decode(skeletons)[0]
