@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-MODES = ("weights", "config", "both")
+MODES = ("weights", "both")  # the layer weights, or the weights and the Keras model graph
 
 
 def _text(value: Any) -> str:
@@ -97,10 +97,8 @@ def read_model_config(path: str) -> dict | None:
 
 
 def read(mode: str, path: str) -> tuple[dict | None, dict | None]:
-    """(weights, model config) as `mode` asks; the part not asked for is None."""
-    weights = read_weights(path) if mode in ("weights", "both") else None
-    config = read_model_config(path) if mode in ("config", "both") else None
-    return weights, config
+    """(weights, model config) as `mode` asks; the config is None unless asked for."""
+    return read_weights(path), read_model_config(path) if mode == "both" else None
 
 
 # ------------------------------------------------------------------ transport
