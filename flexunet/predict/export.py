@@ -34,13 +34,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from flexunet.nn.validation import check_int
 from flexunet.predict import identity, paf
 from flexunet.predict.peaks import crop, global_peaks, local_peak_count, top_local_peaks, window_origins
-from flexunet.predict.predictions import FramePoses, Predictions
-from flexunet.predict.predictor import (Options, Predictor, bottomup_poses, centroid_poses,
+from flexunet.predict.predictions import FramePoses
+from flexunet.predict.predictor import (BatchPredictor, Options, Predictor, bottomup_poses, centroid_poses,
                                         multi_class_bottomup_poses, single_instance_poses, topdown_poses)
-from flexunet.nn.validation import check_int
-from flexunet.predict.preprocess import Preprocessing, as_frames
+from flexunet.predict.preprocess import Preprocessing
 
 METADATA_KEY = "flexunet_keypoints"
 
@@ -249,8 +249,9 @@ def metadata(predictor: Predictor, frame_shape, max_instances: int, max_peaks: i
     return meta
 
 
-class OnnxPredictor:
-    """Runs a file from `export_keypoints_onnx` in onnxruntime; calling it returns `Predictions`."""
+class OnnxPredictor(BatchPredictor):
+    """Runs a file from `export_keypoints_onnx` in onnxruntime; calling it returns `Predictions`
+    (see `Predictor.__call__`)."""
 
     def __init__(self, path: str | os.PathLike, providers: Optional[list[str]] = None):
         import onnxruntime
@@ -272,27 +273,21 @@ class OnnxPredictor:
         self.node_names = tuple(self.meta["node_names"])
         self.edges = tuple(tuple(e) for e in self.meta["edges"])
         self.classes = tuple(self.meta["classes"])
+        self.skeleton_name = self.meta.get("skeleton_name", "Skeleton-0")
         self.options = Options(batch_size=self.meta["options"]["batch_size"],
                                max_instances=self.meta["options"]["max_instances"])
         grouping = self.meta.get("grouping")
         self.grouping = None if grouping is None else paf.PAFGrouping(
             **{**grouping, "edges": tuple(tuple(e) for e in grouping["edges"])})
 
-    def __call__(self, frames, frame_indices=None) -> Predictions:
-        """Poses in uint8 frames (N, H, W, C) of the exported size; see `Predictor.__call__`."""
-        images = as_frames(frames)
+    def check_frames(self, images: torch.Tensor) -> None:
+        """The graph was built for one frame size."""
         h, w, c = self.meta["frame_shape"]
         if tuple(images.shape[1:]) != (c, h, w):
             raise ValueError(f"this export takes frames of shape (N, {h}, {w}, {c}), got "
                              f"{tuple(images.permute(0, 2, 3, 1).shape)}.")
-        indices = np.arange(len(images)) if frame_indices is None else np.asarray(list(frame_indices))
-        poses = []
-        for start in range(0, len(images), self.options.batch_size):
-            poses.extend(self.predict_batch(images[start:start + self.options.batch_size]))
-        return Predictions.from_frames(poses, self.node_names, self.edges, self.classes, indices,
-                                       self.meta.get("skeleton_name", "Skeleton-0"))
 
-    def predict_batch(self, images: torch.Tensor) -> list[FramePoses]:
+    def predict_batch(self, images: torch.Tensor, indices=None) -> list[FramePoses]:
         """Per-frame poses of uint8 (n, C, H, W) frames: host preprocessing, the graph, host decoding."""
         prep = self.preprocessing
         feeds, eff = host_inputs(prep, self.model_type in ("topdown", "multi_class_topdown"), images)

@@ -128,7 +128,46 @@ def _stages(infos: list[ModelInfo], bf16: bool) -> list[Stage]:
     return stages
 
 
-class Predictor:
+class BatchPredictor:
+    """Frames to `Predictions`, batch by batch; subclasses give `predict_batch` and the skeleton
+    (`options`, `node_names`, `edges`, `classes`, `skeleton_name`)."""
+
+    def __call__(self, frames, frame_indices: Optional[Iterable[int]] = None) -> Predictions:
+        """Poses in uint8 frames (N, H, W, C), NumPy or torch; see `Predictions`.
+
+        Frames with another channel count than the model's are converted as the
+        model's loader converts them. Frames without peaks give no instances.
+
+        Raises:
+            TypeError, ValueError: the frames are not uint8 (N, H, W, C).
+            ValueError: a network produced NaN or infinite values (naming the frame).
+        """
+        images = as_frames(frames)
+        self.check_frames(images)
+        indices = np.arange(len(images)) if frame_indices is None else np.asarray(list(frame_indices))
+        if len(indices) != len(images):
+            raise ValueError(f"frame_indices has {len(indices)} entries for {len(images)} frames.")
+        return self.predict_batches(((images[i:i + self.options.batch_size],
+                                      indices[i:i + self.options.batch_size])
+                                     for i in range(0, len(images), self.options.batch_size)))
+
+    def predict_batches(self, batches: Iterable[tuple[torch.Tensor, np.ndarray]]) -> Predictions:
+        """Poses for an iterable of (uint8 (n, C, H, W) frames, (n,) frame indices) batches."""
+        poses, indices = [], []
+        for images, index in batches:
+            poses.extend(self.predict_batch(images, index))
+            indices.extend(int(i) for i in index)
+        return Predictions.from_frames(poses, self.node_names, self.edges, self.classes, indices, self.skeleton_name)
+
+    def check_frames(self, images: torch.Tensor) -> None:
+        """Refuse frames this predictor cannot take (any size here)."""
+
+    def predict_batch(self, images: torch.Tensor, indices: Sequence[int]) -> list[FramePoses]:
+        """Per-frame poses of one batch of uint8 (n, C, H, W) frames."""
+        raise NotImplementedError
+
+
+class Predictor(BatchPredictor):
     """Poses from frames with one or two SLEAP models; build it with `load_predictor`.
 
     Attributes:
@@ -173,32 +212,6 @@ class Predictor:
         return f"Predictor({self.model_type}: {folders}; nodes={list(self.node_names)})"
 
     # ------------------------------------------------------------------ public
-
-    def __call__(self, frames, frame_indices: Optional[Iterable[int]] = None) -> Predictions:
-        """Poses in uint8 frames (N, H, W, C), NumPy or torch; see `Predictions`.
-
-        Frames with another channel count than the model's are converted as the
-        model's loader converts them. Frames without peaks give no instances.
-
-        Raises:
-            TypeError, ValueError: the frames are not uint8 (N, H, W, C).
-            ValueError: a network produced NaN or infinite values (naming the frame).
-        """
-        images = as_frames(frames)
-        indices = np.arange(len(images)) if frame_indices is None else np.asarray(list(frame_indices))
-        if len(indices) != len(images):
-            raise ValueError(f"frame_indices has {len(indices)} entries for {len(images)} frames.")
-        return self.predict_batches(((images[i:i + self.options.batch_size],
-                                      indices[i:i + self.options.batch_size])
-                                     for i in range(0, len(images), self.options.batch_size)))
-
-    def predict_batches(self, batches: Iterable[tuple[torch.Tensor, np.ndarray]]) -> Predictions:
-        """Poses for an iterable of (uint8 (n, C, H, W) frames, (n,) frame indices) batches."""
-        poses, indices = [], []
-        for images, index in batches:
-            poses.extend(self.predict_batch(images, index))
-            indices.extend(int(i) for i in index)
-        return Predictions.from_frames(poses, self.node_names, self.edges, self.classes, indices, self.skeleton_name)
 
     def predict_batch(self, images: torch.Tensor, indices: Sequence[int]) -> list[FramePoses]:
         """Per-frame poses of one batch of uint8 (n, C, H, W) frames."""
@@ -471,4 +484,4 @@ def load_predictor(folders, peak_threshold: float | tuple[float, float] = 0.2,
     return Predictor(_stages([infos[i] for i in order], bf16), options)
 
 
-__all__ = ["Options", "Predictor", "Stage", "load_predictor"]
+__all__ = ["BatchPredictor", "Options", "Predictor", "Stage", "load_predictor"]
