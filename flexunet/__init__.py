@@ -16,6 +16,7 @@ from flexunet import sleap
 from flexunet.export import export_onnx, export_program
 from flexunet.inference import optimize_for_inference
 from flexunet.io.folders import load_any as load_model
+from flexunet.kernels import clear_weight_cache, weight_cache_bytes
 from flexunet.io.keras import load_keras_weights
 from flexunet.io.serialization import load, save
 from flexunet.nn.blocks import DecoderBlock, EncoderBlock, PoolingBlock, SimpleConvBlock, SimpleUpsamplingBlock
@@ -40,6 +41,7 @@ __all__ = [
     "SleapModel",
     "UNet",
     "UNetConfig",
+    "clear_weight_cache",
     "export_onnx",
     "export_program",
     "load",
@@ -48,6 +50,7 @@ __all__ = [
     "optimize_for_inference",
     "receptive_field",
     "save",
+    "weight_cache_bytes",
     "sleap",
     "summarize",
 ]

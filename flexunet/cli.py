@@ -149,11 +149,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _as_dict(output) -> dict:
-    if isinstance(output, dict):
-        return output
-    if isinstance(output, list):
-        return {f"output_{i}": t for i, t in enumerate(output)}
-    return {"output": output}
+    return output if isinstance(output, dict) else {"output": output}
 
 
 def build_parser() -> argparse.ArgumentParser:

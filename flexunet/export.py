@@ -59,12 +59,9 @@ def _tracing_input(model: nn.Module, x: torch.Tensor, stride: int) -> torch.Tens
 
 
 def output_names(model: nn.Module) -> list[str]:
-    """ONNX output names: head names for SLEAP models, `output` (or `output_{stack}`) for UNets."""
+    """ONNX output names: head names for SLEAP models, `output` (the last stack's) for UNets."""
     names = getattr(model, "output_names", None)
-    if names is not None:
-        return list(names)
-    stacks = getattr(model, "stacks", 1)
-    return ["output"] if stacks == 1 else [f"output_{i}" for i in range(stacks)]
+    return ["output"] if names is None else list(names)
 
 
 def export_onnx(model: Any, path: str | os.PathLike, example_input: torch.Tensor,

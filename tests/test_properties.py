@@ -98,9 +98,8 @@ def test_unet_counts_shapes_and_strides_follow_the_hyperparameters(params):
     assert model.output_stride == max_stride // 2**U
     x = torch.randn(1, params["in_channels"], max_stride, 2 * max_stride)
     with torch.no_grad():
-        out, features = model.forward_intermediates(x)
-    outs = out if params["stacks"] > 1 else [out]
-    feats = features if params["stacks"] > 1 else [features]
+        outs, feats = model.forward_intermediates(x)
+    assert len(outs) == len(feats) == params["stacks"]
     for o, fs in zip(outs, feats):
         assert tuple(o.shape) == (1, expected_channels, max_stride // model.output_stride, 2 * max_stride // model.output_stride)
         assert [f.stride for f in fs] == [max_stride // 2**u for u in range(U)]

@@ -20,9 +20,7 @@ def test_outputs_and_intermediate_features_match_keras(case):
     meta, data = load_backbone_case(case)
     model = flexunet.load_keras_weights(build(meta), BACKBONES / f"{case}.h5").eval()
     with torch.no_grad():
-        output, features = model.forward_intermediates(nchw(data["x_nhwc"]))
-    outputs = output if meta["stacks"] > 1 else [output]
-    stacks = features if meta["stacks"] > 1 else [features]
+        outputs, stacks = model.forward_intermediates(nchw(data["x_nhwc"]))
     ours = list(outputs) + [f.tensor for stack in stacks for f in stack]
     refs = [data[f"y_{i}"] for i in range(len(data.files) - 1)]
     assert len(ours) == len(refs) == meta["n_outputs"] + sum(map(len, meta["intermediate_strides"]))

@@ -29,14 +29,15 @@ def test_pad_to_stride_pads_runs_and_crops_every_output(up_blocks, size):
         model(x)
     model.pad_to_stride = True
     with torch.no_grad():
-        out, features = model.forward_intermediates(x)
+        (out,), (features,) = model.forward_intermediates(x)
         ph, pw = -size[0] % 16, -size[1] % 16
         model.pad_to_stride = False
-        ref_out, ref_features = model.forward_intermediates(F.pad(x, (0, pw, 0, ph)))  # zeros bottom/right
+        (ref_out,), (ref_features,) = model.forward_intermediates(F.pad(x, (0, pw, 0, ph)))  # zeros bottom/right
     stride = model.output_stride
     expected = (-(-size[0] // stride), -(-size[1] // stride))
     assert tuple(out.shape[-2:]) == expected
     torch.testing.assert_close(out, ref_out[..., : expected[0], : expected[1]])
+    assert len(features) == len(ref_features) == up_blocks
     for f, r in zip(features, ref_features):
         h, w = -(-size[0] // f.stride), -(-size[1] // f.stride)
         torch.testing.assert_close(f.tensor, r.tensor[..., :h, :w])

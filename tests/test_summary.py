@@ -55,8 +55,7 @@ def empirical_receptive_field(model, size: int) -> int:
         batch = torch.full((size + 1, model.in_channels, height, size), 0.5, dtype=torch.float64)
         for c in range(size):  # image c has a bump in column c; the last image stays flat
             batch[c, :, height // 2, c] += 100.0
-        out = model(batch)
-        out = out[-1] if isinstance(out, list) else out
+        out = model(batch)  # the last stack's output
         diff = (out[:-1] - out[-1:]).abs().sum(1)  # (size, H_out, W_out)
         diff = diff > 1e-13 * diff.max()
     row = model.maximum_stride // model.output_stride

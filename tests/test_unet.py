@@ -37,11 +37,8 @@ def test_sleap_figures(kwargs, side, params, out_shape, strides, enc, out):
     assert n_params(model) == params == model.num_params_from_specs()
     assert (model.encoder_features_stride, model.output_stride, model.maximum_stride) == (enc, out, enc)
     with torch.no_grad():
-        output, features = model.forward_intermediates(torch.zeros(1, 1, side, side))
-    stacks = model.stacks
-    outputs = output if stacks > 1 else [output]
-    per_stack = features if stacks > 1 else [features]
-    assert len(outputs) == len(per_stack) == stacks
+        outputs, per_stack = model.forward_intermediates(torch.zeros(1, 1, side, side))
+    assert len(outputs) == len(per_stack) == model.stacks
     for o, f in zip(outputs, per_stack):
         assert tuple(o.shape[1:]) == out_shape
         assert [feat.stride for feat in f] == strides
@@ -49,11 +46,19 @@ def test_sleap_figures(kwargs, side, params, out_shape, strides, enc, out):
         assert [feat.tensor.shape[-1] for feat in f] == [side // s for s in strides]
 
 
-def test_forward_returns_one_tensor_or_one_per_stack():
-    x = torch.zeros(1, 1, 32, 32)
-    assert isinstance(UNet(filters=4, down_blocks=2, up_blocks=2)(x), torch.Tensor)
-    out = UNet(filters=4, down_blocks=2, up_blocks=2, stacks=2)(x)
-    assert isinstance(out, list) and len(out) == 2
+@pytest.mark.parametrize("stacks", [1, 2, 3])
+def test_forward_returns_the_last_stack_and_forward_stacks_every_stack(stacks):
+    torch.manual_seed(stacks)
+    model = UNet(filters=4, down_blocks=2, up_blocks=2, stacks=stacks).eval()
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        out, every = model(x), model.forward_stacks(x)
+        outputs, features = model.forward_intermediates(x)
+    assert isinstance(out, torch.Tensor) and isinstance(every, list) and len(every) == len(outputs) == stacks
+    assert torch.equal(out, every[-1]) and all(torch.equal(a, b) for a, b in zip(every, outputs))
+    assert len(features) == stacks and all(len(f) == 2 for f in features)
+    if stacks > 1:
+        assert not torch.equal(every[0], every[-1])
 
 
 def test_default_specs_are_sleaps():
@@ -155,7 +160,7 @@ def test_a_network_without_skips_is_defined_by_its_stacks_alone():
     model = LeapCNN()
     assert model.maximum_stride == 4 and model.output_stride == 1
     assert not any(model.blocks[p.name].uses_skip for p in model.plan() if p.section == "decoder")
-    y, features = model.forward_intermediates(torch.randn(2, 1, 16, 16))
+    (y,), (features,) = model.forward_intermediates(torch.randn(2, 1, 16, 16))
     assert y.shape == (2, 8, 16, 16) and [f.stride for f in features] == [4, 2]
     assert n_params(model) == model.num_params_from_specs()
     # Without skips the decoder input channels are the previous block's outputs only.

@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from flexunet.kernels import native, ops
+from flexunet.kernels import choice, native, ops
 
 # Training runs 3x3 float32 convolutions with at least this many input and output channels on the
 # operator (forward, input gradient and weight gradient on the fused kernels). Measured on whole Adam
@@ -47,6 +47,17 @@ from flexunet.kernels import native, ops
 # 0.610 s from 256).
 TRAINING_MIN_CHANNELS = 16
 TRAINING_MIN_TILES = 64
+
+
+def weight_cache_bytes() -> int:
+    """Bytes held by the inference weight cache: every 3x3 weight in Winograd space (36 / 9 = 4x its
+    size), packed transposed-convolution weights (1x) and autocast casts, for the models run so far."""
+    return ops.CACHE.nbytes()
+
+
+def clear_weight_cache() -> None:
+    """Free the inference weight cache; the next call of each layer transforms its weight again."""
+    ops.CACHE.clear()
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -66,6 +77,16 @@ def _tracked(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
+def _layer_does_it(x, cout, dtype, relu, skip, upsample) -> bool:
+    """Whether inference of this convolution would run PyTorch's own convolution (as the layer does)."""
+    mode = native.mode()
+    if mode == "torch" or not native.supports_dtype(dtype):
+        return True
+    if mode == "native" or torch.compiler.is_compiling():
+        return False  # compiled graphs keep the operator, which looks up (or measures) its choice when run
+    return choice.CHOICES.get(choice.conv3x3_key(x, cout, dtype, relu, skip, upsample or "none")) == "torch"
+
+
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool = False,
             skip: Optional[torch.Tensor] = None, upsample: Optional[str] = None) -> Optional[torch.Tensor]:
     """`flexunet::conv3x3` of `cat([skip, upsample(x)])`, rectified if `relu`, where it pays off
@@ -74,7 +95,8 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         return None
     dtype = compute_dtype(x)
     tracked = _tracked(x, weight) or (skip is not None and _tracked(skip, weight))
-    if not tracked and not native.preferred() and min(weight.shape[:2]) < ops.TORCH_WINOGRAD_MIN_CHANNELS:
+    if not tracked and min(weight.shape[:2]) < ops.TORCH_WINOGRAD_MIN_CHANNELS and _layer_does_it(
+            x, weight.shape[0], dtype, relu, skip, upsample):
         return None  # the operator would run oneDNN's convolution as the layer does: spare its dispatch
     if tracked:
         n, _, h, w = x.shape
@@ -101,4 +123,5 @@ def conv_transpose(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return torch.ops.flexunet.conv_transpose_same(x, weight, bias, stride, crop, compute_dtype(x))
 
 
-__all__ = ["TRAINING_MIN_CHANNELS", "TRAINING_MIN_TILES", "compute_dtype", "conv3x3", "conv_transpose", "max_pool2x2", "native", "ops"]
+__all__ = ["TRAINING_MIN_CHANNELS", "TRAINING_MIN_TILES", "choice", "clear_weight_cache", "compute_dtype", "conv3x3",
+           "conv_transpose", "max_pool2x2", "native", "ops", "weight_cache_bytes"]

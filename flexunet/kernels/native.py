@@ -1,9 +1,15 @@
 """Native CPU kernels: built from `flexunet/kernels/csrc` with the system C compiler at first use.
 
-The fused Winograd convolution (`csrc/winograd.c`) keeps the transformed tiles
-in cache instead of materialising them as tensors, which is what makes Winograd
-beat oneDNN's direct convolution at 64-256 channels. It is compiled once per
-machine with `-O3 -march=native -fopenmp` into a cache directory
+One file per kernel family (`winograd.c`, `weight_grad.c`, `direct.c`,
+`transposed.c`, `pooling.c`, `upsample_adjoint.c`) over shared headers (`simd.h`
+vectors, `tiles.h` Winograd tiles, `microkernel.h` the register-blocked product);
+`flexunet.h` is the contract: its prototypes become the ctypes signatures here, and
+the constants the packing depends on are read from the library itself. The fused
+Winograd convolution keeps the transformed tiles in cache instead of materialising
+them as tensors, which is what makes Winograd beat oneDNN's direct convolution at
+64-256 channels on AVX-512. The sources are compiled once per machine with
+`-O3 -march=native -fopenmp` (`FLEXUNET_MARCH` names another target, e.g.
+`x86-64-v3`) into a cache directory
 (`$FLEXUNET_CACHE_DIR`, else `$XDG_CACHE_HOME/flexunet`, else
 `~/.cache/flexunet`) and loaded with ctypes; it shares PyTorch's OpenMP runtime
 and thread count. The cache must be private (owned by the current user, not
@@ -22,6 +28,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import stat
 import subprocess
@@ -35,12 +42,42 @@ import torch.nn.functional as F
 
 from flexunet.kernels import allocator, fastconv
 
-SOURCE = Path(__file__).parent / "csrc" / "winograd.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi"]
-PANEL = 64  # output channels per kernel panel (NR in the C source)
-MR = 6  # pixels per register block (MR in the C source)
+CSRC = Path(__file__).parent / "csrc"
+CONTRACT = CSRC / "flexunet.h"
+FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wno-psabi"]
 # Part of the cache key: libraries cached by flexunet versions without digest records are not reused.
-CACHE_FORMAT = "2"
+CACHE_FORMAT = "3"
+
+
+def sources() -> list[Path]:
+    """Every file the library is built from (the C files and the headers they include)."""
+    return sorted(p for p in CSRC.iterdir() if p.suffix in (".c", ".h"))
+
+
+def march() -> str:
+    """The `-march` target: `$FLEXUNET_MARCH`, else `native` (this CPU)."""
+    return os.environ.get("FLEXUNET_MARCH", "").strip() or "native"
+
+
+def flags() -> list[str]:
+    return [*FLAGS, f"-march={march()}"]
+
+
+_PROTOTYPE = re.compile(r"^int\s+flexunet_(\w+)\s*\(([^)]*)\)\s*;", re.MULTILINE)
+
+
+def signatures(text: Optional[str] = None) -> dict[str, list]:
+    """The ctypes argument types of every entry point, read from the prototypes in `csrc/flexunet.h`:
+    pointer parameters as `c_void_p`, `int` parameters as `c_int`."""
+    text = CONTRACT.read_text() if text is None else text
+    result = {}
+    for name, params in _PROTOTYPE.findall(text):
+        args = [] if params.strip() in ("", "void") else [p.strip() for p in params.split(",")]
+        for arg in args:
+            if "*" not in arg and not re.fullmatch(r"int\s+\w+", arg):
+                raise RuntimeError(f"{CONTRACT.name}: parameter {arg!r} of flexunet_{name} is neither a pointer nor an int")
+        result[name] = [ctypes.c_void_p if "*" in arg else ctypes.c_int for arg in args]
+    return result
 
 
 def cache_dir() -> Path:
@@ -127,14 +164,16 @@ def _build(compiler: str, directory: Path) -> Path:
     digest does not match (truncated, replaced, or not built by flexunet) is refused.
     """
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([CACHE_FORMAT, SOURCE.read_text(), version, " ".join(FLAGS),
-                                    _cpu_signature()]).encode())
-    target = directory / f"winograd-{key.hexdigest()[:16]}.so"
+    files = sources()
+    key = hashlib.sha256("\0".join([CACHE_FORMAT, *(f"{p.name}\0{p.read_text()}" for p in files), version,
+                                    " ".join(flags()), _cpu_signature()]).encode())
+    target = directory / f"kernels-{key.hexdigest()[:16]}.so"
     record = target.with_suffix(".sha256")
     if not target.exists():
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
             built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)],
+            result = subprocess.run([compiler, *flags(), *(str(p) for p in files if p.suffix == ".c"),
+                                     "-o", str(built)],
                                     capture_output=True, text=True, timeout=300)
             if result.returncode != 0:
                 raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
@@ -165,22 +204,13 @@ def library() -> Optional[ctypes.CDLL]:
     elif directory is not None:
         try:
             lib = ctypes.CDLL(str(_build(compiler, directory)))
-            ptr, i = ctypes.c_void_p, ctypes.c_int
-            signatures = {  # argument types of each entry point, as in csrc/winograd.c
-                "winograd_f43": [ptr, i, ptr, i, i, i, i, i, ptr, ptr, ptr, i, i, i],
-                "direct3x3": [ptr, i, i, i, i, ptr, ptr, ptr, i, i, i, i],
-                "winograd_f43_weight_grad": [ptr, i, ptr, i, i, ptr, i, i, i, i, ptr, i],
-                "upsample2x_adjoint": [ptr, i, i, i, i, i, ptr, i, i],
-                "max_pool2x2": [ptr, i, i, i, i, ptr, i, i],
-                "transposed_k3s2": [ptr, i, i, i, i, ptr, ptr, ptr, i, i],
-            }
-            signatures["winograd_f43_bf16"] = signatures["winograd_f43"]
-            signatures["transposed_k3s2_bf16"] = signatures["transposed_k3s2"]
-            for name, args in signatures.items():
+            for name, args in signatures().items():
                 fn = getattr(lib, f"flexunet_{name}")
                 fn.restype, fn.argtypes = ctypes.c_int, args
-            lib.flexunet_has_bf16.restype = ctypes.c_int
-            lib.bf16 = bool(lib.flexunet_has_bf16())  # asked once: the layers ask at every call
+            # Asked once: the layers ask at every call.
+            lib.bf16 = bool(lib.flexunet_has_bf16())
+            lib.panel = ctypes.c_int.in_dll(lib, "flexunet_panel").value
+            lib.mr = ctypes.c_int.in_dll(lib, "flexunet_mr").value
             return lib
         except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
             reason = str(exc)
@@ -199,18 +229,39 @@ def _has_avx512() -> bool:
     return " avx512f" in _cpu_signature()
 
 
+def _forced() -> Optional[bool]:
+    value = os.environ.get("FLEXUNET_NATIVE", "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
+@torch.compiler.assume_constant_result  # decided once per trace, outside the graph
+def mode() -> str:
+    """How inference picks its kernels: "native" (`FLEXUNET_NATIVE=1`), "torch" (`FLEXUNET_NATIVE=0`,
+    or no native kernels here), else "measure" (each layer shape timed once, `flexunet.kernels.choice`)."""
+    allocator.keep_freed_memory()  # at the kernels' first use, native or not (see flexunet.kernels.allocator)
+    forced = _forced()
+    if forced is False or not available():
+        return "torch"
+    return "native" if forced else "measure"
+
+
 @torch.compiler.assume_constant_result  # decided once per trace, outside the graph
 def preferred() -> bool:
-    """Whether the operators run on the native kernels: when they are available and the CPU has AVX-512.
+    """Whether training and pooling run on the native kernels (inference convolutions are measured):
+    `FLEXUNET_NATIVE=1`, or on CPUs with AVX-512.
 
-    The kernels hold 24 vector accumulators, written for AVX-512's 32 registers;
-    compiled for AVX2 (16 registers) they spill and ran 6.5-7.8x slower than the
-    PyTorch paths on sleap-nn's UNets (AMD EPYC Zen 3, 2 threads), so other CPUs use
-    the PyTorch paths. `FLEXUNET_NATIVE=1` uses the kernels on any CPU.
+    Their training kernels were tuned on AVX-512 (AMD EPYC Zen 4); on AVX2 (AMD EPYC
+    Zen 3, 2 threads) oneDNN's backward and the PyTorch pooling were faster than
+    the native ones, so other CPUs use them.
     """
-    allocator.keep_freed_memory()  # at the kernels' first use, native or not (see flexunet.kernels.allocator)
-    if os.environ.get("FLEXUNET_NATIVE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return available()
+    allocator.keep_freed_memory()
+    forced = _forced()
+    if forced is not None:
+        return forced and available()
     return _has_avx512() and available()
 
 
@@ -225,6 +276,16 @@ def has_bfloat16() -> bool:
     return lib is not None and lib.bf16
 
 
+def panel() -> int:
+    """Output channels per packed kernel panel in this build (64 on AVX-512, else 16)."""
+    return library().panel
+
+
+def register_block() -> int:
+    """Pixels per register block in this build: how far past a row the kernels read."""
+    return library().mr
+
+
 def round16(channels: int) -> int:
     """`channels` rounded up to a multiple of 16 (the kernels' vector width)."""
     return -(-channels // 16) * 16
@@ -233,17 +294,17 @@ def round16(channels: int) -> int:
 def pack_kernel(kernel: torch.Tensor, pairs: bool = False) -> torch.Tensor:
     """A (P, Cin, Cout) kernel in the layout the C code reads: (P, Cin * Cout).
 
-    Per position, the output channels are cut into panels of 64 (the last one
-    narrower), each stored (Cin, width) row-major, or with `pairs` (bfloat16)
+    Per position, the output channels are cut into panels of `panel()` (the last
+    one narrower), each stored (Cin, width) row-major, or with `pairs` (bfloat16)
     (Cin / 2, width, 2): two consecutive input channels side by side.
     """
     p, cin, cout = kernel.shape
-    parts = []
-    for start in range(0, cout, PANEL):
-        panel = kernel[:, :, start:start + PANEL]
+    parts, width = [], panel()
+    for start in range(0, cout, width):
+        part = kernel[:, :, start:start + width]
         if pairs:
-            panel = panel.reshape(p, cin // 2, 2, -1).transpose(2, 3)
-        parts.append(panel.reshape(p, -1))
+            part = part.reshape(p, cin // 2, 2, -1).transpose(2, 3)
+        parts.append(part.reshape(p, -1))
     return torch.cat(parts, dim=1).contiguous()
 
 
@@ -343,7 +404,8 @@ def winograd_weight_grad(x: torch.Tensor, grad: torch.Tensor, skip: Optional[tor
         raise ValueError(f"flexunet's weight gradient kernel needs matching source sizes: x {tuple(x.shape)}, "
                          f"skip {None if skip is None else tuple(skip.shape)}, gradient {tuple(grad.shape)}.")
     threads, cin = torch.get_num_threads(), cs + cx
-    partial = torch.empty(threads, 36, -(-cin // MR) * MR, round16(cout))
+    mr = register_block()
+    partial = torch.empty(threads, 36, -(-cin // mr) * mr, round16(cout))
     status = library().flexunet_winograd_f43_weight_grad(
         x.data_ptr(), cx, None if skip is None else skip.data_ptr(), cs, UPSAMPLING[upsample], grad.data_ptr(),
         n, h, w, cout, partial.data_ptr(), threads)
@@ -395,7 +457,7 @@ def direct_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.T
     output channels-last in `dtype` (float32 or bfloat16). `packed` from `pack_direct`."""
     n, cin, h, w = x.shape
     # One zero row above and below, one zero column on the left, 1 + MR on the right: reads stay in bounds.
-    xp = F.pad(x.float().permute(0, 2, 3, 1), (0, 0, 1, 1 + MR, 1, 1)).contiguous()
+    xp = F.pad(x.float().permute(0, 2, 3, 1), (0, 0, 1, 1 + register_block(), 1, 1)).contiguous()
     out = torch.empty((n, out_channels, h, w), dtype=dtype, memory_format=torch.channels_last)
     b = _padded_bias(bias, out_channels)
     status = library().flexunet_direct3x3(xp.data_ptr(), n, h, w, cin, packed.data_ptr(), b.data_ptr(),
@@ -427,7 +489,7 @@ def transposed_conv_k3s2(x: torch.Tensor, packed: torch.Tensor, bias: Optional[t
     """
     n, cin, h, w = x.shape
     # One zero row on top, one zero column on the left, MR on the right: every read is in bounds.
-    xp = F.pad(x.to(packed.dtype).permute(0, 2, 3, 1), (0, 0, 1, MR, 1, 0)).contiguous()
+    xp = F.pad(x.to(packed.dtype).permute(0, 2, 3, 1), (0, 0, 1, register_block(), 1, 0)).contiguous()
     cout = packed.shape[1] // cin
     out = torch.empty((n, cout, 2 * h, 2 * w), dtype=packed.dtype, memory_format=torch.channels_last)
     bf16 = packed.dtype == torch.bfloat16

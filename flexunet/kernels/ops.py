@@ -36,7 +36,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from flexunet.kernels import fastconv, native
+from flexunet.kernels import choice, fastconv, native
 
 # 3x3 convolutions with at least this many input and output channels use the PyTorch Winograd
 # path when the native kernels are unavailable: below it oneDNN's direct convolution is faster.
@@ -88,6 +88,18 @@ class WeightCache:
         entry = self._entries.get(id(weight))
         return list(entry[1]) if entry is not None and entry[0]() is weight else []
 
+    def discard(self, weight: torch.Tensor, *kinds: tuple) -> None:
+        """Drop what is cached for `weight` under `kinds` (a measured choice's losing candidates)."""
+        entry = self._entries.get(id(weight))
+        if entry is not None and entry[0]() is weight:
+            for kind in kinds:
+                entry[1].pop(kind, None)
+
+    def nbytes(self) -> int:
+        """Bytes held by every cached tensor."""
+        return sum(value.nbytes for entry in self._entries.values() for _, value in entry[1].values()
+                   if isinstance(value, torch.Tensor))
+
     def clear(self) -> None:
         self._entries.clear()
 
@@ -135,14 +147,37 @@ def _upsampled_input(x: torch.Tensor, skip: Optional[torch.Tensor], upsample: st
 def _conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
     cout, cin = weight.shape[:2]
     joined = skip is not None or upsample != "none"
+    native_ok = native.supports_dtype(dtype)
+    if cache and native_ok and native.mode() == "measure":  # inference: the faster, timed once per shape
+        key = choice.conv3x3_key(x, cout, dtype, relu, skip, upsample)
+        measured = choice.CHOICES.get(key) is None
+        y = choice.CHOICES.run(key, {
+            "native": lambda: _native_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample),
+            "torch": lambda: _torch_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample)})
+        if measured:  # keep only the winner's transformed weights
+            losers = {"native": [("torch-winograd", dtype), ("cast", dtype)], "torch": [("winograd", dtype), ("direct",)]}
+            CACHE.discard(weight, *losers[choice.CHOICES.get(key)])
+        return y
     narrow_bf16 = (dtype == torch.bfloat16 and max(cin, cout) <= NARROW_BF16_CHANNELS and not joined
                    and cin > native.DIRECT_MAX_CHANNELS)
-    if native.supports_dtype(dtype) and native.preferred() and not narrow_bf16:  # else oneDNN, below
-        if not joined and cin <= native.DIRECT_MAX_CHANNELS:
-            packed = _derived(weight, ("direct",), lambda: native.pack_direct(weight), cache)
-            return native.direct_conv3x3(x, packed, bias, cout, relu, dtype)
-        packed = _derived(weight, ("winograd", dtype), lambda: native.transform_kernel(weight, dtype), cache)
-        return native.winograd_conv3x3(x, packed, bias, cout, relu, skip, None if upsample == "none" else upsample)
+    if native_ok and native.preferred() and not narrow_bf16:
+        return _native_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample)
+    return _torch_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample)
+
+
+def _native_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
+    """Direct for an image's few channels, else the fused Winograd kernel (joined input formed while read)."""
+    cout, cin = weight.shape[:2]
+    if skip is None and upsample == "none" and cin <= native.DIRECT_MAX_CHANNELS:
+        packed = _derived(weight, ("direct",), lambda: native.pack_direct(weight), cache)
+        return native.direct_conv3x3(x, packed, bias, cout, relu, dtype)
+    packed = _derived(weight, ("winograd", dtype), lambda: native.transform_kernel(weight, dtype), cache)
+    return native.winograd_conv3x3(x, packed, bias, cout, relu, skip, None if upsample == "none" else upsample)
+
+
+def _torch_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
+    """oneDNN's convolution (channels-last), or Winograd as batched products from 256 channels."""
+    cout, cin = weight.shape[:2]
     x = _upsampled_input(x.to(dtype), skip, upsample).contiguous(memory_format=CHANNELS_LAST)
     if min(cin, cout) >= TORCH_WINOGRAD_MIN_CHANNELS:
         tile = fastconv.winograd_tile(dtype)
@@ -273,9 +308,25 @@ def conv_transpose_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 def _conv_transpose_same(x, weight, bias, stride, crop, dtype):
     cin, cout, k = weight.shape[0], weight.shape[1], weight.shape[-1]
     keras_k3s2 = k == 3 and stride == 2 and crop == 0
-    if keras_k3s2 and native.supports_transposed(dtype, cin, cout, k, stride) and native.preferred():
-        packed = _derived(weight, ("transposed", dtype), lambda: native.pack_transposed(weight, dtype), True)
-        return native.transposed_conv_k3s2(x, packed, bias)
+    if not (keras_k3s2 and native.supports_transposed(dtype, cin, cout, k, stride)) or native.mode() == "torch":
+        return _torch_conv_transpose(x, weight, bias, stride, crop, dtype)
+    if native.mode() == "measure":
+        key = choice.transposed_key(x, cout, dtype, bias is not None)
+        measured = choice.CHOICES.get(key) is None
+        y = choice.CHOICES.run(key, {"native": lambda: _native_conv_transpose(x, weight, bias, dtype),
+                                     "torch": lambda: _torch_conv_transpose(x, weight, bias, stride, crop, dtype)})
+        if measured:
+            CACHE.discard(weight, ("transposed", dtype) if choice.CHOICES.get(key) == "torch" else ("cast", dtype))
+        return y
+    return _native_conv_transpose(x, weight, bias, dtype)
+
+
+def _native_conv_transpose(x, weight, bias, dtype):
+    packed = _derived(weight, ("transposed", dtype), lambda: native.pack_transposed(weight, dtype), True)
+    return native.transposed_conv_k3s2(x, packed, bias)
+
+
+def _torch_conv_transpose(x, weight, bias, stride, crop, dtype):
     x = x.to(dtype).contiguous(memory_format=CHANNELS_LAST)
     return fastconv.transposed_conv(x, _cast(weight, dtype, True), _bias(bias, dtype), stride, crop)
 

@@ -377,25 +377,26 @@ class EncoderDecoder(nn.Module):
     def _checkpointed(self, block: PlacedBlock, *args):
         return checkpoint(self.blocks[block.name], *args, use_reentrant=False)
 
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the network on `x` of shape (N, in_channels, H, W).
 
         Returns:
-            The output (N, out_channels, H / output_stride, W / output_stride), or a
-            list with one such tensor per stack when `stacks > 1`.
+            The output (N, out_channels, H / output_stride, W / output_stride): the
+            last stack's, whatever `stacks` is (`forward_stacks` gives every stack's).
         """
-        outputs = self.run(x).cropped().outputs
-        return outputs[0] if self.stacks == 1 else outputs
+        return self.run(x).cropped().outputs[-1]
 
-    def forward_intermediates(self, x: torch.Tensor):
+    def forward_stacks(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every stack's output, first to last (for intermediate supervision); one tensor per stack."""
+        return list(self.run(x).cropped().outputs)
+
+    def forward_intermediates(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[list["IntermediateFeature"]]]:
         """Run the network and also return every decoder block's input.
 
         Returns:
-            `(output, features)`: as `forward`, and a list of `IntermediateFeature`
-            (one per decoder block, in order) or, with `stacks > 1`, a list of such
-            lists, one per stack; as SLEAP's `make_backbone` returns them.
+            `(outputs, features)`: one output per stack (as `forward_stacks`) and, per
+            stack, its list of `IntermediateFeature` (one per decoder block, in order),
+            as SLEAP's `make_backbone` gives them.
         """
         outputs, features, _, _ = self.run(x, keep_features=True).cropped()
-        if self.stacks == 1:
-            return outputs[0], features[0]
-        return outputs, features
+        return list(outputs), [list(f) for f in features]

@@ -1,0 +1,111 @@
+/* Vectors of 16 floats and their loads and stores, shared by every kernel family.
+ *
+ * GCC vector extensions map a v16 onto one AVX-512 register, two AVX2 registers or four NEON
+ * registers. The register-blocked products hold MR x NR / 16 accumulators: NR = 64 (4 vectors
+ * a row, 24 accumulators) fits AVX-512's 32 registers; elsewhere NR = 16 (6 accumulators of
+ * two AVX2 or four NEON registers each), which fits AVX2's 16 and NEON's 32 without spilling.
+ */
+#ifndef FLEXUNET_SIMD_H
+#define FLEXUNET_SIMD_H
+
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "flexunet.h"
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef int mask16 __attribute__((vector_size(64)));
+
+#if defined(__AVX512F__)
+#define NR 64 /* output channels per panel: 4 vectors */
+#else
+#define NR 16 /* one vector: 2 AVX2 / 4 NEON registers per accumulator */
+#endif
+#define MR 6 /* pixels (tiles) per register block */
+#define ROUND16(c) (((c) + 15) / 16 * 16)
+
+static inline v16 load(const float *p) { return *(const v16 *)p; }
+static inline void store(float *p, v16 v) { *(v16 *)p = v; }
+
+/* The first `n` (1..16) floats at p, zeros after; and the store of the first `n` lanes. */
+static inline v16 load_f32_n(const char *p, int n) {
+#if defined(__AVX512F__)
+    return (v16)_mm512_maskz_loadu_ps((__mmask16)(0xFFFFu >> (16 - n)), p);
+#else
+    if (n == 16) return load((const float *)p);
+    v16 t = {0};
+    memcpy(&t, p, sizeof(float) * n);
+    return t;
+#endif
+}
+
+static inline void store_f32_n(float *p, v16 v, int n) {
+#if defined(__AVX512F__)
+    _mm512_mask_storeu_ps(p, (__mmask16)(0xFFFFu >> (16 - n)), (__m512)v);
+#else
+    if (n == 16) store(p, v);
+    else memcpy(p, &v, sizeof(float) * n);
+#endif
+}
+
+static inline void put_f32_n(char *p, v16 v, int n) { store_f32_n((float *)p, v, n); }
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define HAS_BF16 1
+/* bfloat16 elements, widened to float32 on load and rounded to nearest even on store. */
+static inline v16 load_bf16_n(const char *p, int n) {
+    __m256i raw = _mm256_maskz_loadu_epi16((__mmask16)(0xFFFFu >> (16 - n)), p);
+    return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16);
+}
+
+static inline void store_bf16_n(uint16_t *p, v16 v, int n) {
+    _mm256_mask_storeu_epi16(p, (__mmask16)(0xFFFFu >> (16 - n)), (__m256i)_mm512_cvtneps_pbh((__m512)v));
+}
+
+static inline void put_bf16_n(char *p, v16 v, int n) { store_bf16_n((uint16_t *)p, v, n); }
+#else
+#define HAS_BF16 0
+#endif
+
+/* Elements that are float32, or bfloat16 when `bf16` (callers refuse bfloat16 unless HAS_BF16):
+ * the first n lanes loaded as float32, and stored back. */
+static inline v16 load_elem_n(const char *p, int n, int bf16) {
+#if HAS_BF16
+    if (bf16) return load_bf16_n(p, n);
+#endif
+    return load_f32_n(p, n);
+}
+
+static inline void store_elem_n(char *p, v16 v, int n, int bf16) {
+#if HAS_BF16
+    if (bf16) {
+        store_bf16_n((uint16_t *)p, v, n);
+        return;
+    }
+#endif
+    store_f32_n((float *)p, v, n);
+}
+
+/* Bias, then ReLU if asked; NaN is kept, as torch.relu does. */
+static inline v16 finish(v16 value, v16 bias, int relu) {
+    value += bias;
+    return relu ? (v16)((mask16)value & ~(value < (v16){0})) : value;
+}
+
+/* A thread's work buffer of `bytes`, zeroed if `zero`; NULL, with *failed set, when out of memory. */
+static inline void *work_buffer(size_t bytes, int zero, int *failed) {
+    void *p = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!p) {
+#pragma omp atomic write
+        *failed = 1;
+    } else if (zero) {
+        memset(p, 0, bytes);
+    }
+    return p;
+}
+
+#endif
