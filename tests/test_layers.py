@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from flexunet.nn.layers import ConvTranspose2dSame, Conv2dSame, MaxPool2dSame, Upsample
 from tests import tf_oracle
@@ -73,3 +74,22 @@ def test_bilinear_upsampling_uses_half_pixel_centres(scale):
 def test_nearest_upsampling_repeats_pixels(scale):
     x = RNG.standard_normal((1, 3, 4, 2))
     np.testing.assert_allclose(to_nhwc(Upsample(scale, "nearest")(to_nchw(x))), tf_oracle.resize_nearest(x, scale), atol=0)
+
+
+@pytest.mark.parametrize("mode", ["1", "0", None])
+@pytest.mark.parametrize("activation", ["linear", "relu", "tanh", "sigmoid"])
+def test_every_activation_follows_the_convolution_on_every_kernel_path(monkeypatch, mode, activation):
+    """Native kernels (FLEXUNET_NATIVE=1), PyTorch's (0) or the measured choice: ReLU is fused, others follow."""
+    if mode is None:
+        monkeypatch.delenv("FLEXUNET_NATIVE", raising=False)
+    else:
+        monkeypatch.setenv("FLEXUNET_NATIVE", mode)
+    torch.manual_seed(1)
+    layer = Conv2dSame(20, 32, 3, activation=activation).eval()
+    x, skip = torch.randn(2, 12, 6, 7), torch.randn(2, 8, 12, 14)
+    act = {"linear": lambda t: t, "relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}[activation]
+    up = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    want = act(F.conv2d(torch.cat([skip, up], 1), layer.weight, layer.bias, padding=1))
+    with torch.inference_mode():
+        got = layer(x, skip, "bilinear")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -54,8 +54,8 @@ class Conv2dSame(nn.Conv2d):
         relu = self.activation == "relu"
         if self.kernel_size == (3, 3):
             fast = kernels.conv3x3(x, self.weight, self.bias, relu, skip, upsample)  # None: the plain path below
-            if fast is not None:
-                return fast
+            if fast is not None:  # ReLU is fused; any other activation follows
+                return fast if relu or self.act is None else self.act(fast)
         if upsample is not None:
             x = upsampled(x, 2, upsample)
         if skip is not None:
