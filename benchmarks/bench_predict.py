@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import cpu_name  # noqa: E402
 
 REFERENCE = Path(os.environ.get("FLEXUNET_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 NN = "sleapnn_models"
@@ -44,21 +46,6 @@ WORKLOADS = {
     "topdown 1024x1024 (synthetic)": ("synthetic", [f"{NN}/minimal_instance_centroid",
                                                     f"{NN}/minimal_instance_centered_instance"], 248),
 }
-
-
-def cpu_name() -> dict:
-    """CPU model and the flags that decide which kernels run."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return {"model": name, "flags": [f for f in wanted if f in flags], "threads": 2}
 
 
 def synthetic_video(path: Path, frames: int, side: int = 1024) -> None:

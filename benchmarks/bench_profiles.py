@@ -6,16 +6,20 @@ rotating which goes first every round, and reports medians as ratios against the
 
     python benchmarks/bench_profiles.py --rounds 5 --keras-python /path/to/tf/bin/python
 
-Rows per case: fp32 inference (target 1.5x), bf16 autocast inference against the peer's fp32 (2.5x;
-its largest difference to flexunet's fp32 output, as a fraction of the output's range, is printed
-too), an Adam training step in fp32, MSE on the output (1.3x), and the same step under bf16 autocast
-(against the peer's fp32, no target). GFLOP/s count the direct convolutions (training: 3x the
-forward) against a matrix-product roofline measured in the same run. Two more checks: time per
-megapixel of fp32 inference at 1024x1024 within 20% of that at 256x256 (same pixels per call), and
-flexunet on two threads never slower than on one. Peers: sleap-nn's UNet with the same layout
-(`peers.py`; `pip install --no-deps sleap-nn omegaconf antlr4-python3-runtime pyyaml loguru`), and
-SLEAP's original layout in tf-keras (`keras_peer.py`; an interpreter with `tensorflow` and
-`tf-keras`, given by `--keras-python`).
+Rows per case: fp32 inference (target 1.5x), bf16 inference under autocast (1.5x; its largest
+difference to flexunet's fp32 output, as a fraction of the output's range, is printed too), an Adam
+training step in fp32, MSE on the output (1.3x), and the same step under bf16 autocast (1.3x). Every
+row is compared with the fastest peer at the same precision, and no row may fall below 1.0x. Peers,
+each with its best standard idioms: sleap-nn's UNet with the same layout as written (`sleap-nn`) and
+with `model.to(memory_format=torch.channels_last)` and channels-last input (`sleap-nn cl`), bf16 rows
+under `torch.autocast("cpu", torch.bfloat16)` (`peers.py`; `pip install --no-deps sleap-nn omegaconf
+antlr4-python3-runtime pyyaml loguru`); SLEAP's original layout in tf-keras, bf16 rows under the
+`mixed_bfloat16` policy (`keras_peer.py`; an interpreter with `tensorflow` and `tf-keras`, given by
+`--keras-python`). GFLOP/s count the direct convolutions (training: 3x the forward) against a
+matrix-product roofline measured in the same run. Two more checks: time per megapixel of fp32
+inference at 1024x1024 within 20% of that at 256x256 (same pixels per call), and flexunet on two
+threads never slower than on one. The results file is named after the CPU (`machine.py`), so runs on
+different CPU kinds sit side by side in `benchmarks/results/`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ import statistics
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import cpu_name, cpu_slug, describe  # noqa: E402
 
 # name -> (UNet layout as the profile gives it, input (batch, side, channels)). From SLEAP's
 # sleap/training_profiles/baseline*.json and sleap-nn's docs/sample_configs/*unet*.yaml (layouts
@@ -53,11 +60,13 @@ CASES = {
         dict(filters=16, filters_rate=1.5, max_stride=8, output_stride=2), (32, 128, 1)),
     "sleap-nn config_bottomup_unet (full frame 512)": (
         dict(filters=16, filters_rate=1.5, max_stride=8, output_stride=2), (2, 512, 1)),
+    "SLEAP default UNet (transposed convs, batch 4 @ 192)": (
+        dict(filters=64, filters_rate=2, max_stride=16, output_stride=1, up_interpolate=False), (4, 192, 1)),
 }
 MODES = ("inference fp32", "inference bf16", "training fp32", "training bf16")
-TARGETS = {"inference fp32": 1.5, "inference bf16": 2.5, "training fp32": 1.3}  # training bf16: reported only
-PEER_MODE = {"inference fp32": "inference fp32", "inference bf16": "inference fp32",
-             "training fp32": "training fp32", "training bf16": "training fp32"}  # peers run fp32
+TARGETS = {"inference fp32": 1.5, "inference bf16": 1.5, "training fp32": 1.3, "training bf16": 1.3}
+FLOOR = 1.0  # no row below this, on any CPU
+SYSTEMS = ("flexunet", "sleap-nn", "sleap-nn cl")
 THREAD_MODES = ("inference fp32", "inference bf16", "training fp32")  # two threads never slower than one
 SCALING = ((16, 256), (1, 1024))  # (batch, side): the same pixels per call, fp32 inference
 SCALING_LIMIT = 1.2
@@ -73,21 +82,24 @@ def _build(system: str, layout: dict, channels: int):
 
     down = int(math.log2(layout["max_stride"]))
     up = int(math.log2(layout["max_stride"] // layout["output_stride"]))
+    interpolate = layout.get("up_interpolate", True)
     if system == "flexunet":
         import flexunet
 
         return flexunet.UNet(filters=layout["filters"], filters_rate=layout["filters_rate"], down_blocks=down,
-                             up_blocks=up, up_interpolate=True, in_channels=channels)
+                             up_blocks=up, up_interpolate=interpolate, in_channels=channels)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from peers import sleap_nn_unet_class
 
     cls = sleap_nn_unet_class()
     model = cls(in_channels=channels, output_stride=layout["output_stride"], kernel_size=3,
                 filters=layout["filters"], filters_rate=layout["filters_rate"], down_blocks=down, up_blocks=up,
-                stem_blocks=0, convs_per_block=2, middle_block=True, up_interpolate=True)
+                stem_blocks=0, convs_per_block=2, middle_block=True, up_interpolate=interpolate)
     wrapped = torch.nn.Module()
     wrapped.net = model
     wrapped.forward = lambda x: model(x)["outputs"][-1] if up else model(x)["middle_output"]
+    if system == "sleap-nn cl":  # the standard PyTorch idiom for convolutions on CPU
+        wrapped.to(memory_format=torch.channels_last)
     return wrapped
 
 
@@ -118,6 +130,8 @@ def worker(system: str, threads: int) -> None:
         if current != case:  # one case at a time: build it, drop the previous one
             model = _build(system, layout, channels)
             x = torch.rand(batch, channels, side, side)
+            if system == "sleap-nn cl":
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
                 target = torch.rand_like(model.eval()(x))
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -138,6 +152,8 @@ def worker(system: str, threads: int) -> None:
         if request.startswith("scale"):
             n, s = map(int, request.split()[1:])
             inputs = torch.rand(n, channels, s, s)
+            if system == "sleap-nn cl":
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
 
         def run():
             if request.startswith("training"):
@@ -200,13 +216,20 @@ def main() -> int:
     parser.add_argument("--keras-python", default=None,
                         help="a Python with tensorflow and tf-keras for the Keras peer (default: no Keras peer)")
     parser.add_argument("--cases", default=None, help="only the cases whose name contains this text")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated rows (default: {','.join(MODES)})")
+    parser.add_argument("--no-checks", action="store_true", help="skip the megapixel and thread-count checks")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.threads)
         return 0
     cases = [c for c in CASES if args.cases is None or args.cases in c]
-    systems = {name: Worker(name, args.threads) for name in ("flexunet", "sleap-nn")}
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if set(modes) - set(MODES):
+        parser.error(f"--modes takes {', '.join(MODES)}; got {args.modes!r}")
+    cpu = cpu_name(args.threads)
+    print(f"CPU: {describe(cpu)}, {args.threads} threads", flush=True)
+    systems = {name: Worker(name, args.threads) for name in SYSTEMS}
     if args.keras_python:
         systems["keras"] = Worker("keras", args.threads, args.keras_python)
     one_thread = Worker("flexunet", 1)
@@ -217,28 +240,34 @@ def main() -> int:
         roofline = {dtype: flexunet.time("roofline", dtype) for dtype in ("fp32", "bf16")}
         for case in cases:
             rows = results[case] = {"gflop": flexunet.time(case, "flops") / 1e9}
-            for mode in MODES:
-                names = [n for n in systems if n == "flexunet" or mode == PEER_MODE[mode]]
-                rows[mode] = _interleaved({n: systems[n] for n in names}, case, mode, args.rounds)
-            rows["bf16 error"] = flexunet.time(case, "bf16 error")
-            scaling[case] = {f"{n}x{s}": _interleaved({"flexunet": flexunet}, case, f"scale {n} {s}", args.rounds)
-                             ["flexunet"] / (n * s * s / 1e6) for n, s in SCALING}
-            threads[case] = {mode: _interleaved({"1": one_thread, "2": flexunet}, case, mode, args.rounds)
-                             for mode in THREAD_MODES}
+            for mode in modes:
+                rows[mode] = _interleaved(systems, case, mode, args.rounds)
+                print(f"  {case}: {mode}: " + ", ".join(f"{n} {t:.3f}s" for n, t in rows[mode].items()), flush=True)
+            if "inference bf16" in modes:
+                rows["bf16 error"] = flexunet.time(case, "bf16 error")
+            if not args.no_checks:
+                scaling[case] = {f"{n}x{s}": _interleaved({"flexunet": flexunet}, case, f"scale {n} {s}", args.rounds)
+                                 ["flexunet"] / (n * s * s / 1e6) for n, s in SCALING}
+                threads[case] = {mode: _interleaved({"1": one_thread, "2": flexunet}, case, mode, args.rounds)
+                                 for mode in THREAD_MODES if mode in modes}
     finally:
         for w in [*systems.values(), one_thread]:
             w.close()
-    short = _report(results, scaling, threads, peers, roofline)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "rounds": args.rounds, "peers": peers, "roofline_gflops": roofline,
-                       "cases": results, "seconds_per_megapixel": scaling, "one_vs_two_threads": threads,
-                       "short": short}, f, indent=2)
+    short = _report(results, scaling, threads, peers, roofline, modes)
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                     f"profiles-{cpu_slug(cpu)}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    import torch
+
+    with open(path, "w") as f:
+        json.dump({"cpu": cpu, "torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
+                   "peers": peers, "roofline_gflops": roofline, "cases": results, "seconds_per_megapixel": scaling,
+                   "one_vs_two_threads": threads, "short": short}, f, indent=2)
+    print(f"wrote {path}")
     return 0
 
 
-def _report(results: dict, scaling: dict, threads: dict, peers: list, roofline: dict) -> list:
+def _report(results: dict, scaling: dict, threads: dict, peers: list, roofline: dict, modes: list) -> list:
     """Print the three tables; return the rows that miss their targets."""
     short = []
     print(f"roofline (4096^3 matrix product): fp32 {roofline['fp32']:.0f} GFLOP/s, bf16 {roofline['bf16']:.0f} GFLOP/s")
@@ -247,19 +276,22 @@ def _report(results: dict, scaling: dict, threads: dict, peers: list, roofline: 
     print(header)
     print("-" * len(header))
     for case, rows in results.items():
-        for mode in MODES:
+        for mode in modes:
             ours = rows[mode]["flexunet"]
-            peer_rows = rows[PEER_MODE[mode]]
-            ratio = min(peer_rows[p] for p in peers) / ours
-            rows[mode]["speed_up"] = ratio
+            peer_rows = rows[mode]  # every peer at the same precision
+            fastest = min(peers, key=lambda p: peer_rows[p])
+            ratio = peer_rows[fastest] / ours
+            rows[mode]["speed_up"], rows[mode]["fastest_peer"] = ratio, fastest
             gflops = rows["gflop"] * (3 if mode.startswith("training") else 1) / ours
             fraction = gflops / roofline["bf16" if mode.endswith("bf16") else "fp32"]
             target = TARGETS.get(mode)
             missed = target is not None and ratio < target
             if missed:
-                short.append(f"{case}: {mode} {ratio:.2f}x < {target}x")
+                short.append(f"{case}: {mode} {ratio:.2f}x < {target}x (vs {fastest})"
+                             + ("  BELOW 1.0x" if ratio < FLOOR else ""))
             cells = " ".join(f"{peer_rows[p]:8.3f}s" for p in peers)
-            note = f"  error {rows['bf16 error']:.2%}" if mode == "inference bf16" else ""
+            note = f"  error {rows['bf16 error']:.2%}" if mode == "inference bf16" and "bf16 error" in rows else ""
+            note += f"  vs {fastest}"
             print(f"{case:58} {mode:15} {ours:8.3f}s {cells}  {ratio:6.2f}x "
                   f"{'' if target is None else f'{target:.1f}x':>6} {gflops:8.0f} {fraction:8.0%}"
                   f"{'  short' if missed else ''}{note}")

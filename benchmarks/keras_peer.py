@@ -50,7 +50,8 @@ def sleap_unet(tf_keras, filters: int, filters_rate: float, max_stride: int, out
 
 
 def worker(cases: dict, threads: int, stdin, stdout) -> None:
-    """Answer `case<TAB>mode` lines with the seconds of one timed call (fp32 only)."""
+    """Answer `case<TAB>mode` lines with the seconds of one timed call; bf16 modes build the model
+    under Keras' `mixed_bfloat16` policy (bfloat16 compute, float32 variables), as Keras users would."""
     import time
 
     import numpy as np
@@ -62,10 +63,15 @@ def worker(cases: dict, threads: int, stdin, stdout) -> None:
     current, warm = None, set()
     for line in stdin:
         case, mode = line.rstrip("\n").split("\t")
+        if case == "roofline" or mode in ("flops", "bf16 error") or mode.startswith("scale"):
+            print("nan", file=stdout, flush=True)  # flexunet-only requests
+            continue
         layout, (batch, side, channels) = cases[case]
-        if current != case:
+        precision = "mixed_bfloat16" if mode.endswith("bf16") else "float32"
+        if current != (case, precision):
+            tf_keras.mixed_precision.set_global_policy(precision)
             model = sleap_unet(tf_keras, layout["filters"], layout["filters_rate"], layout["max_stride"],
-                               layout["output_stride"], channels)
+                               layout["output_stride"], channels, layout.get("up_interpolate", True))
             x = tf.constant(np.random.default_rng(0).random((batch, side, side, channels), dtype=np.float32))
             target = tf.random.uniform(model(x).shape)
             optimizer = tf_keras.optimizers.Adam(1e-4)
@@ -74,15 +80,16 @@ def worker(cases: dict, threads: int, stdin, stdout) -> None:
             @tf.function
             def train(x, target):
                 with tf.GradientTape() as tape:
-                    loss = tf.reduce_mean(tf.square(model(x, training=True) - target))
+                    out = tf.cast(model(x, training=True), tf.float32)
+                    loss = tf.reduce_mean(tf.square(out - target))
                 optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
                                               model.trainable_variables))
                 return loss
 
-            current = case
+            current = (case, precision)
 
         def run():
-            (train(x, target) if mode == "training fp32" else infer(x)).numpy()
+            (train(x, target) if mode.startswith("training") else infer(x)).numpy()
 
         if (case, mode) not in warm:
             run()

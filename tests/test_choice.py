@@ -1,4 +1,4 @@
-"""Kernels chosen by measurement: the faster candidate wins, is remembered on disk per machine, and a switch forces it."""
+"""Kernels chosen by measurement: the fastest candidate wins, is remembered on disk per machine, and a switch forces it."""
 
 import time
 
@@ -83,7 +83,7 @@ def test_a_layer_runs_its_measured_or_forced_choice_exactly(private_cache, monke
     if expected_mode == "measure":
         (key, entry), = recorded.items()
         assert key == "conv3x3|float32|2x32x40x40|skip0|none|48|relu"
-        assert entry["choice"] in ("native", "torch") and set(entry["ms"]) == {"native", "torch"}
+        assert entry["choice"] in ("native", "onednn") and set(entry["ms"]) == {"native", "onednn"}
     else:
         assert recorded == {}  # forced: nothing measured
 
@@ -104,3 +104,53 @@ def test_the_weight_cache_is_bounded_and_can_be_freed(private_cache):
         assert held > 0
     flexunet.clear_weight_cache()
     assert flexunet.weight_cache_bytes() == 0
+
+
+CONV_CASES = [  # (cin, cout, h, w, skip, upsample, relu, dtype): every candidate of each must agree
+    (1, 16, 24, 20, 0, "none", True, torch.float32),  # an image's channel: native direct kernel
+    (24, 36, 17, 13, 0, "none", False, torch.float32),
+    (16, 24, 8, 10, 8, "bilinear", True, torch.float32),  # a decoder's joined input
+    (128, 128, 6, 6, 0, "none", True, torch.float32),  # Winograd as batched products is a candidate
+    (32, 32, 12, 12, 16, "nearest", True, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("cin,cout,h,w,cs,upsample,relu,dtype", CONV_CASES)
+def test_every_conv3x3_candidate_computes_the_same_convolution(cin, cout, h, w, cs, upsample, relu, dtype):
+    from flexunet.kernels import ops
+
+    torch.manual_seed(cin + cout)
+    x, weight, bias = torch.randn(2, cin, h, w), torch.randn(cout, cin + cs, 3, 3), torch.randn(cout)
+    factor = 1 if upsample == "none" else 2
+    skip = torch.randn(2, cs, h * factor, w * factor) if cs else None
+    want = ops._upsampled_input(x.double(), None if skip is None else skip.double(), upsample)
+    want = F.conv2d(want, weight.double(), bias.double(), padding=1)
+    want = torch.relu(want) if relu else want
+    args = (x.to(dtype), weight, bias, dtype, True, relu, None if skip is None else skip.to(dtype), upsample)
+    runs = {"onednn": ops._onednn_conv3x3, "winograd": ops._winograd_conv3x3}
+    if native.supports_dtype(dtype):
+        runs["native"] = ops._native_conv3x3
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    for name, run in runs.items():
+        got = run(*args)
+        assert got.dtype == dtype and got.shape == want.shape, name
+        assert float((got.double() - want).abs().max() / want.abs().max()) < tolerance, name
+
+
+@pytest.mark.parametrize("stride,kernel,crop", [(2, 3, 0), (2, 3, 1), (2, 4, 1), (3, 3, 0)])
+def test_every_transposed_candidate_computes_the_same_convolution(stride, kernel, crop):
+    from flexunet.kernels import ops
+
+    torch.manual_seed(kernel * stride + crop)
+    x, weight, bias = torch.randn(2, 32, 5, 7), torch.randn(32, 16, kernel, kernel), torch.randn(16)
+    h, w = 5 * stride, 7 * stride
+    want = F.conv_transpose2d(x.double(), weight.double(), bias.double(), stride=stride)[:, :, crop:crop + h,
+                                                                                        crop:crop + w]
+    runs = {"gemm": lambda: ops._torch_conv_transpose(x, weight, bias, stride, crop, torch.float32),
+            "onednn": lambda: ops._onednn_conv_transpose(x, weight, bias, stride, crop, torch.float32)}
+    if kernel == 3 and stride == 2 and crop == 0 and native.available():
+        runs["native"] = lambda: ops._native_conv_transpose(x, weight, bias, torch.float32)
+    for name, run in runs.items():
+        got = run()
+        assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last), name
+        assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5, name

@@ -7,21 +7,26 @@ this package for a fast result in one call:
     fast = kernels.conv_transpose(x, weight, bias, stride, crop)
     fast = kernels.max_pool2x2(x)
 
-Both call the registered operators of `flexunet.kernels.ops`
-(`torch.ops.flexunet.conv3x3`, `torch.ops.flexunet.conv_transpose_same`) when
-they pay off, so eager mode, autograd and `torch.compile` all run the same
-operator, and return None where the plain PyTorch operation is the better or
-the only choice:
+They call the registered operators of `flexunet.kernels.ops`
+(`torch.ops.flexunet.conv3x3`, `torch.ops.flexunet.conv_transpose_same`, ...),
+so eager mode, autograd and `torch.compile` all run the same operator. Inside,
+each convolution picks its implementation, native kernels or PyTorch's own
+(oneDNN, Winograd as batched products), by measurement: every layer shape, dtype
+and mode (inference, training) is timed once on this machine and the fastest
+remembered (`flexunet.kernels.choice`; `FLEXUNET_NATIVE=1` forces the native
+kernels, `=0` PyTorch's). These functions return None where the plain PyTorch
+operation is the better or the only choice:
 
 * while exporting (`torch.export`, ONNX) or scripting: exported graphs hold
   standard operators that any runtime executes;
 * off the CPU, or for dtypes other than float32 and bfloat16;
-* where the operator would only run what the layer runs itself: on CPUs without
-  the native kernels (`native.preferred()`), pooling and convolutions of fewer than
-  `ops.TORCH_WINOGRAD_MIN_CHANNELS` channels (the dispatch costs ~0.4 ms a call);
+* where the operator would only run what the layer runs itself: a convolution of
+  fewer than `ops.TORCH_WINOGRAD_MIN_CHANNELS` channels whose measured (or forced)
+  choice is PyTorch's, and 2x2 pooling where the native kernels are not
+  `native.preferred()` (the operator's dispatch costs ~0.4 ms a call);
 * in training, except 3x3 float32 convolutions of at least
   `TRAINING_MIN_CHANNELS` channels and `TRAINING_MIN_TILES` 4x4 output tiles
-  (the operator then also computes both gradients on the fused kernels;
+  (the operator then also computes both gradients, each chosen by measurement;
   oneDNN's own backward wins for an image's few input channels, for tiny maps
   and for transposed convolutions).
 
@@ -77,14 +82,15 @@ def _tracked(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
-def _layer_does_it(x, cout, dtype, relu, skip, upsample) -> bool:
-    """Whether inference of this convolution would run PyTorch's own convolution (as the layer does)."""
-    mode = native.mode()
-    if mode == "torch" or not native.supports_dtype(dtype):
-        return True
+def _layer_does_it(x, weight, dtype, relu, skip, upsample) -> bool:
+    """Whether inference of this convolution would run oneDNN's convolution, as the layer does itself."""
+    mode, wide = native.mode(), min(weight.shape[:2]) >= ops.TORCH_WINOGRAD_MIN_CHANNELS
+    if mode == "torch" or (mode == "native" and not native.supports_dtype(dtype)):
+        return not wide  # from 256 channels the operator runs Winograd as batched products
     if mode == "native" or torch.compiler.is_compiling():
         return False  # compiled graphs keep the operator, which looks up (or measures) its choice when run
-    return choice.CHOICES.get(choice.conv3x3_key(x, cout, dtype, relu, skip, upsample or "none")) == "torch"
+    key = choice.conv3x3_key(x, weight.shape[0], dtype, relu, skip, upsample or "none")
+    return choice.CHOICES.get(key) == "onednn"
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool = False,
@@ -95,8 +101,7 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         return None
     dtype = compute_dtype(x)
     tracked = _tracked(x, weight) or (skip is not None and _tracked(skip, weight))
-    if not tracked and min(weight.shape[:2]) < ops.TORCH_WINOGRAD_MIN_CHANNELS and _layer_does_it(
-            x, weight.shape[0], dtype, relu, skip, upsample):
+    if not tracked and _layer_does_it(x, weight, dtype, relu, skip, upsample):
         return None  # the operator would run oneDNN's convolution as the layer does: spare its dispatch
     if tracked:
         n, _, h, w = x.shape

@@ -137,13 +137,22 @@ def clear() -> None:
 
 
 def conv3x3_key(x: torch.Tensor, cout: int, dtype: torch.dtype, relu: bool, skip: Optional[torch.Tensor],
-                upsample: str) -> str:
+                upsample: str, cached: bool = True) -> str:
+    """Inference (`cached`: transformed weights kept) and training calls are timed apart."""
     n, cx, h, w = x.shape
     cs = 0 if skip is None else skip.shape[1]
     return (f"conv3x3|{str(dtype).replace('torch.', '')}|{n}x{cx}x{h}x{w}|skip{cs}|{upsample}|{cout}"
-            f"|{'relu' if relu else 'linear'}")
+            f"|{'relu' if relu else 'linear'}{'' if cached else '|train'}")
 
 
-def transposed_key(x: torch.Tensor, cout: int, dtype: torch.dtype, bias: bool) -> str:
+def weight_grad_key(x: torch.Tensor, grad: torch.Tensor, skip: Optional[torch.Tensor], upsample: str) -> str:
+    n, cx, h, w = x.shape
+    cs = 0 if skip is None else skip.shape[1]
+    return f"conv3x3_weight_grad|{n}x{cx}x{h}x{w}|skip{cs}|{upsample}|{grad.shape[1]}"
+
+
+def transposed_key(x: torch.Tensor, cout: int, dtype: torch.dtype, bias: bool, kernel: int, stride: int,
+                   crop: int) -> str:
     n, cin, h, w = x.shape
-    return f"transposed3x3s2|{str(dtype).replace('torch.', '')}|{n}x{cin}x{h}x{w}|{cout}|{'bias' if bias else 'nobias'}"
+    return (f"transposed|{str(dtype).replace('torch.', '')}|{n}x{cin}x{h}x{w}|{cout}|k{kernel}s{stride}c{crop}"
+            f"|{'bias' if bias else 'nobias'}")

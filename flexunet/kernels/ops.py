@@ -56,6 +56,8 @@ NATIVE_WEIGHT_GRAD_MAX_NARROW = 16
 # 71.0 / 69.4 / 71.8 / 72.0, large_rf.single 91.4 / 96.5 / 96.5 / 102.6, sleap-nn bottomup
 # 49.3 / 47.4 / 47.0 / 46.3; the ten profiles of benchmarks/bench_profiles.py within 3% of the best at 16.
 NARROW_BF16_CHANNELS = 16
+# Measured choices also time Winograd as batched products for layers this wide (below, it never won).
+WINOGRAD_CANDIDATE_MIN_CHANNELS = 128
 CHANNELS_LAST = torch.channels_last
 
 
@@ -148,15 +150,21 @@ def _conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
     cout, cin = weight.shape[:2]
     joined = skip is not None or upsample != "none"
     native_ok = native.supports_dtype(dtype)
-    if cache and native_ok and native.mode() == "measure":  # inference: the faster, timed once per shape
-        key = choice.conv3x3_key(x, cout, dtype, relu, skip, upsample)
+    if native.mode() == "measure":  # the fastest, timed once per shape (inference and training apart)
+        key = choice.conv3x3_key(x, cout, dtype, relu, skip, upsample, cache)
         measured = choice.CHOICES.get(key) is None
-        y = choice.CHOICES.run(key, {
-            "native": lambda: _native_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample),
-            "torch": lambda: _torch_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample)})
-        if measured:  # keep only the winner's transformed weights
-            losers = {"native": [("torch-winograd", dtype), ("cast", dtype)], "torch": [("winograd", dtype), ("direct",)]}
-            CACHE.discard(weight, *losers[choice.CHOICES.get(key)])
+        args = (x, weight, bias, dtype, cache, relu, skip, upsample)
+        candidates = {"onednn": lambda: _onednn_conv3x3(*args)}
+        if native_ok:
+            candidates["native"] = lambda: _native_conv3x3(*args)
+        if min(cin, cout) >= WINOGRAD_CANDIDATE_MIN_CHANNELS:
+            candidates["winograd"] = lambda: _winograd_conv3x3(*args)
+        y = choice.CHOICES.run(key, candidates)
+        if measured and cache:  # keep only the winner's transformed weights
+            kinds = {"native": [("winograd", dtype), ("direct",)], "onednn": [("cast", dtype)],
+                     "winograd": [("torch-winograd", dtype)]}
+            winner = choice.CHOICES.get(key)
+            CACHE.discard(weight, *(kind for name, held in kinds.items() if name != winner for kind in held))
         return y
     narrow_bf16 = (dtype == torch.bfloat16 and max(cin, cout) <= NARROW_BF16_CHANNELS and not joined
                    and cin > native.DIRECT_MAX_CHANNELS)
@@ -176,16 +184,27 @@ def _native_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
 
 
 def _torch_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
-    """oneDNN's convolution (channels-last), or Winograd as batched products from 256 channels."""
-    cout, cin = weight.shape[:2]
+    """Without measurement: Winograd as batched products from 256 channels, else oneDNN's convolution."""
+    if min(weight.shape[:2]) >= TORCH_WINOGRAD_MIN_CHANNELS:
+        return _winograd_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample)
+    return _onednn_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample)
+
+
+def _onednn_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
+    """oneDNN's convolution on channels-last memory (AMX or AVX-512 bfloat16 where the CPU has them)."""
     x = _upsampled_input(x.to(dtype), skip, upsample).contiguous(memory_format=CHANNELS_LAST)
-    if min(cin, cout) >= TORCH_WINOGRAD_MIN_CHANNELS:
-        tile = fastconv.winograd_tile(dtype)
-        kernel = _derived(weight, ("torch-winograd", dtype),
-                          lambda: fastconv.winograd_kernel(weight.detach().float(), tile).to(dtype), cache)
-        y = fastconv.winograd_conv3x3(x, weight, bias, kernel=kernel, tile=tile)
-    else:
-        y = F.conv2d(x, _cast(weight, dtype, cache), _bias(bias, dtype), padding=1)
+    y = F.conv2d(x, _cast(weight, dtype, cache), _bias(bias, dtype), padding=1)
+    y = torch.relu_(y) if relu else y
+    return y.contiguous(memory_format=CHANNELS_LAST)
+
+
+def _winograd_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
+    """Winograd as batched matrix products (`fastconv`), for wide layers."""
+    x = _upsampled_input(x.to(dtype), skip, upsample).contiguous(memory_format=CHANNELS_LAST)
+    tile = fastconv.winograd_tile(dtype)
+    kernel = _derived(weight, ("torch-winograd", dtype),
+                      lambda: fastconv.winograd_kernel(weight.detach().float(), tile).to(dtype), cache)
+    y = fastconv.winograd_conv3x3(x, weight, bias, kernel=kernel, tile=tile)
     y = torch.relu_(y) if relu else y
     return y.contiguous(memory_format=CHANNELS_LAST)
 
@@ -255,16 +274,29 @@ def conv3x3_weight_grad(x: torch.Tensor, grad: torch.Tensor, skip: Optional[torc
     with torch.autocast("cpu", enabled=False):
         n, cout, h, w = grad.shape
         tiles, cin = n * -(-h // 4) * -(-w // 4), x.shape[1] + (0 if skip is None else skip.shape[1])
+        if x.dtype == torch.float32 and native.mode() == "measure":
+            return choice.CHOICES.run(choice.weight_grad_key(x, grad, skip, upsample), {
+                "native": lambda: _native_weight_grad(x, grad, skip, upsample),
+                "torch": lambda: _torch_weight_grad(x, grad, skip, upsample)})
         if (x.dtype == torch.float32 and native.preferred() and tiles >= NATIVE_WEIGHT_GRAD_MIN_TILES
                 and min(cin, cout) > NATIVE_WEIGHT_GRAD_MAX_NARROW):
-            # In Winograd space, the joined input formed while reading, as in the forward pass.
-            return native.winograd_weight_grad(x, grad, skip, None if upsample == "none" else upsample)
-        inputs = _upsampled_input(x, skip, upsample)  # recomputed: cheaper than keeping it
-        if min(inputs.shape[1], grad.shape[1]) >= TORCH_WINOGRAD_MIN_CHANNELS and x.dtype == torch.float32:
-            return fastconv.winograd_weight_grad(inputs, grad)  # one batched product in Winograd space
-        weight_shape = [grad.shape[1], inputs.shape[1], 3, 3]
-        return torch.ops.aten.convolution_backward(grad.to(x.dtype), inputs, inputs.new_empty(weight_shape), None,
-                                                   [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])[1]
+            return _native_weight_grad(x, grad, skip, upsample)
+        return _torch_weight_grad(x, grad, skip, upsample)
+
+
+def _native_weight_grad(x, grad, skip, upsample):
+    """In Winograd space, the joined input formed while reading, as in the forward pass."""
+    return native.winograd_weight_grad(x, grad, skip, None if upsample == "none" else upsample)
+
+
+def _torch_weight_grad(x, grad, skip, upsample):
+    """ATen's weight gradient of the convolution of the joined input (Winograd products from 256 channels)."""
+    inputs = _upsampled_input(x, skip, upsample)  # recomputed: cheaper than keeping it
+    if min(inputs.shape[1], grad.shape[1]) >= TORCH_WINOGRAD_MIN_CHANNELS and x.dtype == torch.float32:
+        return fastconv.winograd_weight_grad(inputs, grad)  # one batched product in Winograd space
+    weight_shape = [grad.shape[1], inputs.shape[1], 3, 3]
+    return torch.ops.aten.convolution_backward(grad.to(x.dtype), inputs, inputs.new_empty(weight_shape), None,
+                                               [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])[1]
 
 
 @conv3x3_weight_grad.register_fake
@@ -308,22 +340,36 @@ def conv_transpose_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 def _conv_transpose_same(x, weight, bias, stride, crop, dtype):
     cin, cout, k = weight.shape[0], weight.shape[1], weight.shape[-1]
     keras_k3s2 = k == 3 and stride == 2 and crop == 0
-    if not (keras_k3s2 and native.supports_transposed(dtype, cin, cout, k, stride)) or native.mode() == "torch":
-        return _torch_conv_transpose(x, weight, bias, stride, crop, dtype)
+    native_ok = keras_k3s2 and native.supports_transposed(dtype, cin, cout, k, stride)
     if native.mode() == "measure":
-        key = choice.transposed_key(x, cout, dtype, bias is not None)
+        key = choice.transposed_key(x, cout, dtype, bias is not None, k, stride, crop)
+        candidates = {"gemm": lambda: _torch_conv_transpose(x, weight, bias, stride, crop, dtype),
+                      "onednn": lambda: _onednn_conv_transpose(x, weight, bias, stride, crop, dtype)}
+        if native_ok:
+            candidates["native"] = lambda: _native_conv_transpose(x, weight, bias, dtype)
         measured = choice.CHOICES.get(key) is None
-        y = choice.CHOICES.run(key, {"native": lambda: _native_conv_transpose(x, weight, bias, dtype),
-                                     "torch": lambda: _torch_conv_transpose(x, weight, bias, stride, crop, dtype)})
-        if measured:
-            CACHE.discard(weight, ("transposed", dtype) if choice.CHOICES.get(key) == "torch" else ("cast", dtype))
+        y = choice.CHOICES.run(key, candidates)
+        if measured and choice.CHOICES.get(key) == "native":
+            CACHE.discard(weight, ("cast", dtype))
+        elif measured:
+            CACHE.discard(weight, ("transposed", dtype))
         return y
+    if not native_ok or native.mode() == "torch":
+        return _torch_conv_transpose(x, weight, bias, stride, crop, dtype)
     return _native_conv_transpose(x, weight, bias, dtype)
 
 
 def _native_conv_transpose(x, weight, bias, dtype):
     packed = _derived(weight, ("transposed", dtype), lambda: native.pack_transposed(weight, dtype), True)
     return native.transposed_conv_k3s2(x, packed, bias)
+
+
+def _onednn_conv_transpose(x, weight, bias, stride, crop, dtype):
+    """oneDNN's transposed convolution on channels-last memory, cropped to TensorFlow's 'same' window."""
+    x = x.to(dtype).contiguous(memory_format=CHANNELS_LAST)
+    h, w = x.shape[2] * stride, x.shape[3] * stride
+    full = F.conv_transpose2d(x, _cast(weight, dtype, True), _bias(bias, dtype), stride=stride)
+    return full[:, :, crop:crop + h, crop:crop + w].contiguous(memory_format=CHANNELS_LAST)
 
 
 def _torch_conv_transpose(x, weight, bias, stride, crop, dtype):

@@ -9,20 +9,18 @@
 typedef void (*taps_fn)(const void *const *a, const void *const *b, int ntaps, int k, float *c, int ldc, int nv);
 
 #if NR == 16
-/* Below AVX-512 the product is written in half vectors (8 floats: one AVX2 register, two NEON
- * registers), which the compiler keeps in registers: 12 accumulators, 2 for b, 1 broadcast.
- * GCC lowers arrays of wider-than-hardware vectors through memory. */
-typedef float v8 __attribute__((vector_size(32), aligned(4)));
+/* Below AVX-512 the product is written in `vec`s (8 floats: one AVX2 register, two NEON
+ * registers), which the compiler keeps in registers: 12 accumulators, 2 for b, 1 broadcast. */
 
 static inline __attribute__((always_inline)) void micro_taps(const float *const *a, const float *const *b,
                                                              int ntaps, int k, float *c, int ldc, const int nv) {
     (void)nv; /* always one 16-channel vector */
-    v8 lo[MR], hi[MR];
-    for (int i = 0; i < MR; i++) lo[i] = hi[i] = (v8){0};
+    vec lo[MR], hi[MR];
+    for (int i = 0; i < MR; i++) lo[i] = hi[i] = (vec){0};
     for (int t = 0; t < ntaps; t++) {
         const float *at = a[t], *bt = b[t];
         for (int kk = 0; kk < k; kk++, bt += 16) {
-            v8 b0 = *(const v8 *)bt, b1 = *(const v8 *)(bt + 8);
+            vec b0 = *(const vec *)bt, b1 = *(const vec *)(bt + 8);
             for (int i = 0; i < MR; i++) {
                 float s = at[i * k + kk];
                 lo[i] += s * b0;
@@ -31,8 +29,8 @@ static inline __attribute__((always_inline)) void micro_taps(const float *const 
         }
     }
     for (int i = 0; i < MR; i++) {
-        *(v8 *)(c + i * ldc) = lo[i];
-        *(v8 *)(c + i * ldc + 8) = hi[i];
+        *(vec *)(c + i * ldc) = lo[i];
+        *(vec *)(c + i * ldc + 8) = hi[i];
     }
 }
 #else

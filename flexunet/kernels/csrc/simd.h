@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -70,6 +70,61 @@ static inline void put_bf16_n(char *p, v16 v, int n) { store_bf16_n((uint16_t *)
 #else
 #define HAS_BF16 0
 #endif
+
+/* The machine's own vector, `vec` (VL floats: AVX-512's 16, else 8), for the tile transforms and
+ * products whose working set must stay in registers: GCC keeps arrays of vectors wider than the
+ * hardware's in memory. */
+#if defined(__AVX512F__)
+#define VL 16
+typedef v16 vec;
+typedef mask16 maskv;
+#else
+#define VL 8
+typedef float vec __attribute__((vector_size(32), aligned(4)));
+typedef int maskv __attribute__((vector_size(32)));
+#endif
+
+static inline vec loadv(const float *p) { return *(const vec *)p; }
+
+/* The first `n` (1..VL) floats at p, zeros after; and the store of the first `n` lanes. */
+static inline vec loadv_n(const char *p, int n) {
+#if defined(__AVX512F__)
+    return load_f32_n(p, n);
+#else
+    if (n == VL) return *(const vec *)p;
+#if defined(__AVX2__)
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return (vec)_mm256_maskload_ps((const float *)p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes));
+#else
+    vec t = {0};
+    memcpy(&t, p, sizeof(float) * n);
+    return t;
+#endif
+#endif
+}
+
+static inline void putv_n(char *p, vec v, int n) {
+#if defined(__AVX512F__)
+    store_f32_n((float *)p, v, n);
+#else
+    if (n == VL) {
+        *(vec *)p = v;
+        return;
+    }
+#if defined(__AVX2__)
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_maskstore_ps((float *)p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes), (__m256)v);
+#else
+    memcpy(p, &v, sizeof(float) * n);
+#endif
+#endif
+}
+
+/* Bias, then ReLU if asked, on a `vec`; NaN is kept, as torch.relu does. */
+static inline vec finishv(vec value, vec bias, int relu) {
+    value += bias;
+    return relu ? (vec)((maskv)value & ~(value < (vec){0})) : value;
+}
 
 /* Elements that are float32, or bfloat16 when `bf16` (callers refuse bfloat16 unless HAS_BF16):
  * the first n lanes loaded as float32, and stored back. */

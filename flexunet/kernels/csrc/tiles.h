@@ -40,10 +40,10 @@ static inline struct conv_in conv_input(const void *x, int cx, const void *skip,
     return in;
 }
 
-typedef v16 (*load_fn)(const char *p, int n);
-typedef void (*store_fn)(char *p, v16 v, int n);
-typedef void (*input_1d_fn)(const v16 d[6], v16 r[6]);
-typedef void (*output_1d_fn)(const v16 m[6], v16 o[4]);
+typedef vec (*load_fn)(const char *p, int n);
+typedef void (*store_fn)(char *p, vec v, int n);
+typedef void (*input_1d_fn)(const vec d[6], vec r[6]);
+typedef void (*output_1d_fn)(const vec m[6], vec o[4]);
 
 /* The a x a input pixels (channels c..c+n-1 of source s, zero after) of a tile with top-left
  * pixel (y0, x0) of image `img`, zero outside the h x w output. Tiles start at odd pixels
@@ -53,11 +53,11 @@ typedef void (*output_1d_fn)(const v16 m[6], v16 o[4]);
  * with 3/4 and 1/4; neighbours outside the source are clamped to its edge). */
 static inline __attribute__((always_inline)) void gather(const struct source *s, size_t size, load_fn ld, int a,
                                                          long img, int h, int w, int y0, int x0, int c, int n,
-                                                         v16 *d) {
+                                                         vec *d) {
     const char *base = s->data + size * ((size_t)img * s->hs * s->ws * s->channels + c); /* pixel (0, 0) */
     if (s->up == 1) {
         const int l = a / 2 + 1, ly = (y0 - 1) >> 1, lx = (x0 - 1) >> 1;
-        v16 lo[4][4], row[4][6];
+        vec lo[4][4], row[4][6];
         for (int r = 0; r < l; r++) {
             int yy = ly + r < 0 ? 0 : (ly + r >= s->hs ? s->hs - 1 : ly + r);
             for (int q = 0; q < l; q++) {
@@ -71,9 +71,9 @@ static inline __attribute__((always_inline)) void gather(const struct source *s,
         for (int i = 0; i < a; i++)
             for (int j = 0; j < a; j++) {
                 int inside = y0 + i >= 0 && y0 + i < h && x0 + j >= 0 && x0 + j < w;
-                v16 value = (i & 1) ? 0.25f * row[i / 2][j] + 0.75f * row[i / 2 + 1][j]
+                vec value = (i & 1) ? 0.25f * row[i / 2][j] + 0.75f * row[i / 2 + 1][j]
                                     : 0.75f * row[i / 2][j] + 0.25f * row[i / 2 + 1][j];
-                d[i * a + j] = inside ? value : (v16){0};
+                d[i * a + j] = inside ? value : (vec){0};
             }
         return;
     }
@@ -87,12 +87,12 @@ static inline __attribute__((always_inline)) void gather(const struct source *s,
         for (int j = 0; j < a; j++)
             d[i * a + j] = inside && j >= jlo && j < jhi
                                ? ld(row + size * (size_t)((x0 + j) >> shift) * s->channels, n)
-                               : (v16){0};
+                               : (vec){0};
     }
 }
 
 /* Rows of B^T applied to six vectors (one column or row of a 6x6 tile). */
-static inline __attribute__((always_inline)) void input_1d(const v16 d[6], v16 r[6]) {
+static inline __attribute__((always_inline)) void input_1d(const vec d[6], vec r[6]) {
     r[0] = 4.0f * d[0] - 5.0f * d[2] + d[4];
     r[1] = -4.0f * (d[1] + d[2]) + d[3] + d[4];
     r[2] = 4.0f * (d[1] - d[2]) - d[3] + d[4];
@@ -102,8 +102,8 @@ static inline __attribute__((always_inline)) void input_1d(const v16 d[6], v16 r
 }
 
 /* Rows of A^T applied to six vectors. */
-static inline __attribute__((always_inline)) void output_1d(const v16 m[6], v16 o[4]) {
-    v16 s12 = m[1] + m[2], d12 = m[1] - m[2], s34 = m[3] + m[4], d34 = m[3] - m[4];
+static inline __attribute__((always_inline)) void output_1d(const vec m[6], vec o[4]) {
+    vec s12 = m[1] + m[2], d12 = m[1] - m[2], s34 = m[3] + m[4], d34 = m[3] - m[4];
     o[0] = m[0] + s12 + s34;
     o[1] = d12 + 2.0f * d34;
     o[2] = s12 + 4.0f * s34;
@@ -111,7 +111,7 @@ static inline __attribute__((always_inline)) void output_1d(const v16 m[6], v16 
 }
 
 /* Rows of B^T (points 0, +-1, 1/2, -2; rows scaled to integers) applied to six vectors. */
-static inline __attribute__((always_inline)) void input_1d_half(const v16 d[6], v16 r[6]) {
+static inline __attribute__((always_inline)) void input_1d_half(const vec d[6], vec r[6]) {
     r[0] = 2.0f * (d[0] + d[4]) + 3.0f * (d[3] - d[1]) - 4.0f * d[2];
     r[1] = 2.0f * (d[4] - d[1]) + d[2] + 5.0f * d[3];
     r[2] = 2.0f * (d[1] + d[4]) - 5.0f * d[2] + d[3];
@@ -121,8 +121,8 @@ static inline __attribute__((always_inline)) void input_1d_half(const v16 d[6], 
 }
 
 /* Rows of A^T (points 0, +-1, 1/2, -2) applied to six vectors. */
-static inline __attribute__((always_inline)) void output_1d_half(const v16 m[6], v16 o[4]) {
-    v16 s12 = m[1] + m[2], d12 = m[1] - m[2];
+static inline __attribute__((always_inline)) void output_1d_half(const vec m[6], vec o[4]) {
+    vec s12 = m[1] + m[2], d12 = m[1] - m[2];
     o[0] = m[0] + s12 + m[3] + m[4];
     o[1] = d12 + 0.5f * m[3] - 2.0f * m[4];
     o[2] = s12 + 0.25f * m[3] + 4.0f * m[4];
@@ -136,18 +136,18 @@ static inline __attribute__((always_inline)) void transform_tile6(const struct c
                                                                   int w, int y0, int x0, char *v, int r, int rows) {
     int vc = 0;
     for (int s = 0; s < in->count; s++)
-        for (int c = 0; c < in->src[s].channels; c += 16) {
-            int n = in->src[s].channels - c < 16 ? in->src[s].channels - c : 16;
-            v16 d[A][A], t[A][A];
+        for (int c = 0; c < in->src[s].channels; c += VL) {
+            int n = in->src[s].channels - c < VL ? in->src[s].channels - c : VL;
+            vec d[A][A], t[A][A];
             gather(&in->src[s], size, ld, A, img, h, w, y0, x0, c, n, &d[0][0]);
             for (int j = 0; j < A; j++) { /* columns */
-                v16 col[A], res[A];
+                vec col[A], res[A];
                 for (int i = 0; i < A; i++) col[i] = d[i][j];
                 in1d(col, res);
                 for (int i = 0; i < A; i++) t[i][j] = res[i];
             }
             for (int i = 0; i < A; i++) { /* rows */
-                v16 res[A];
+                vec res[A];
                 in1d(t[i], res);
                 for (int j = 0; j < A; j++) st(v + size * (((size_t)(i * A + j) * rows + r) * in->cin + vc), res[j], n);
             }
@@ -156,29 +156,34 @@ static inline __attribute__((always_inline)) void transform_tile6(const struct c
 }
 
 /* The 4x4 output tile from M[p][r][0:ldm] (6x6 positions, transformed back with `out1d`) for the
- * 16-channel slice `j` (its first n channels): bias, ReLU, stored with `st` (elements of `size`). */
+ * 16-channel slice `j` (its first n channels, VL at a time): bias, ReLU, stored with `st`
+ * (elements of `size`). */
 static inline __attribute__((always_inline)) void output_tile6(const float *m, int ldm, int rows, int r, int j, int n,
                                                                const float *bias, int relu, char *out, size_t size,
                                                                store_fn st, output_1d_fn out1d, int h, int w,
                                                                int cout, int y0, int x0, int col0) {
-    v16 t[4][A], o[4][4];
-    for (int jj = 0; jj < A; jj++) { /* columns of the 6x6 product */
-        v16 col[A], res[4];
-        for (int i = 0; i < A; i++) col[i] = load(m + ((size_t)(i * A + jj) * rows + r) * ldm + 16 * j);
-        out1d(col, res);
-        for (int i = 0; i < 4; i++) t[i][jj] = res[i];
+    for (int part = 0; part < 16 / VL && part * VL < n; part++) {
+        const int lane = 16 * j + VL * part, count = n - part * VL < VL ? n - part * VL : VL;
+        vec t[4][A], o[4][4];
+        for (int jj = 0; jj < A; jj++) { /* columns of the 6x6 product */
+            vec col[A], res[4];
+            for (int i = 0; i < A; i++) col[i] = loadv(m + ((size_t)(i * A + jj) * rows + r) * ldm + lane);
+            out1d(col, res);
+            for (int i = 0; i < 4; i++) t[i][jj] = res[i];
+        }
+        for (int i = 0; i < 4; i++) out1d(t[i], o[i]);
+        vec b = bias ? loadv(bias + col0 + lane) : (vec){0};
+        for (int i = 0; i < 4 && y0 + i < h; i++)
+            for (int jj = 0; jj < 4 && x0 + jj < w; jj++)
+                st(out + size * (((size_t)(y0 + i) * w + x0 + jj) * cout + col0 + lane), finishv(o[i][jj], b, relu),
+                   count);
     }
-    for (int i = 0; i < 4; i++) out1d(t[i], o[i]);
-    v16 b = bias ? load(bias + col0 + 16 * j) : (v16){0};
-    for (int i = 0; i < 4 && y0 + i < h; i++)
-        for (int jj = 0; jj < 4 && x0 + jj < w; jj++)
-            st(out + size * (((size_t)(y0 + i) * w + x0 + jj) * cout + col0 + 16 * j), finish(o[i][jj], b, relu), n);
 }
 
 /* The float32 tile: gathered as float32, transformed at the points 0, +-1, +-2. */
 static inline void transform_tile(const struct conv_in *in, long img, int h, int w, int y0, int x0, void *v, int r,
                                   int rows) {
-    transform_tile6(in, sizeof(float), load_f32_n, put_f32_n, input_1d, img, h, w, y0, x0, v, r, rows);
+    transform_tile6(in, sizeof(float), loadv_n, putv_n, input_1d, img, h, w, y0, x0, v, r, rows);
 }
 
 /* Image and top-left output pixel of tile t, tiles numbered row by row (th x tw per image). */

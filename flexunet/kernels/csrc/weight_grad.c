@@ -52,10 +52,10 @@ static void gradient_tile(const float *g, int h, int w, int cout, int cout16, in
 static inline __attribute__((always_inline)) void micro_strided(const float *a, int sa, int sk, const float *b,
                                                                 int k, float *c, int ldc, const int nv) {
     (void)nv; /* one 16-channel vector, in half vectors as micro_taps (microkernel.h) */
-    v8 lo[MR], hi[MR];
-    for (int i = 0; i < MR; i++) lo[i] = hi[i] = (v8){0};
+    vec lo[MR], hi[MR];
+    for (int i = 0; i < MR; i++) lo[i] = hi[i] = (vec){0};
     for (int kk = 0; kk < k; kk++) {
-        v8 b0 = *(const v8 *)(b + (size_t)kk * NR), b1 = *(const v8 *)(b + (size_t)kk * NR + 8);
+        vec b0 = *(const vec *)(b + (size_t)kk * NR), b1 = *(const vec *)(b + (size_t)kk * NR + 8);
         for (int i = 0; i < MR; i++) {
             float s = a[(size_t)i * sa + (size_t)kk * sk];
             lo[i] += s * b0;
@@ -63,8 +63,8 @@ static inline __attribute__((always_inline)) void micro_strided(const float *a, 
         }
     }
     for (int i = 0; i < MR; i++) {
-        *(v8 *)(c + (size_t)i * ldc) += lo[i];
-        *(v8 *)(c + (size_t)i * ldc + 8) += hi[i];
+        *(vec *)(c + (size_t)i * ldc) += lo[i];
+        *(vec *)(c + (size_t)i * ldc + 8) += hi[i];
     }
 }
 #else

@@ -29,7 +29,7 @@ struct winograd_kind {
 
 static void output_tile(const float *m, int ldm, int rows, int r, int j, int n, const float *bias, int relu,
                         void *out, int h, int w, int cout, int y0, int x0, int col0) {
-    output_tile6(m, ldm, rows, r, j, n, bias, relu, out, sizeof(float), put_f32_n, output_1d, h, w, cout, y0, x0,
+    output_tile6(m, ldm, rows, r, j, n, bias, relu, out, sizeof(float), putv_n, output_1d, h, w, cout, y0, x0,
                  col0);
 }
 
