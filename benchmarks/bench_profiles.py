@@ -139,7 +139,7 @@ def worker(system: str, threads: int) -> None:
         if request == "flops":
             import flexunet
 
-            print(flexunet.summarize(model, (side, side, channels)).flops * batch, flush=True)
+            print(flexunet.summarize(model, (channels, side, side)).flops * batch, flush=True)
             continue
         if request == "bf16 error":
             with torch.inference_mode():
@@ -218,6 +218,8 @@ def main() -> int:
     parser.add_argument("--cases", default=None, help="only the cases whose name contains this text")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated rows (default: {','.join(MODES)})")
     parser.add_argument("--no-checks", action="store_true", help="skip the megapixel and thread-count checks")
+    parser.add_argument("--peers", default=",".join(SYSTEMS[1:]),
+                        help=f"comma-separated PyTorch peers (default: {','.join(SYSTEMS[1:])})")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -229,7 +231,10 @@ def main() -> int:
         parser.error(f"--modes takes {', '.join(MODES)}; got {args.modes!r}")
     cpu = cpu_name(args.threads)
     print(f"CPU: {describe(cpu)}, {args.threads} threads", flush=True)
-    systems = {name: Worker(name, args.threads) for name in SYSTEMS}
+    chosen = [p.strip() for p in args.peers.split(",") if p.strip()]
+    if set(chosen) - set(SYSTEMS[1:]):
+        parser.error(f"--peers takes {', '.join(SYSTEMS[1:])}; got {args.peers!r}")
+    systems = {name: Worker(name, args.threads) for name in ("flexunet", *chosen)}
     if args.keras_python:
         systems["keras"] = Worker("keras", args.threads, args.keras_python)
     one_thread = Worker("flexunet", 1)
@@ -237,7 +242,8 @@ def main() -> int:
     results, scaling, threads = {}, {}, {}
     try:
         flexunet = systems["flexunet"]
-        roofline = {dtype: flexunet.time("roofline", dtype) for dtype in ("fp32", "bf16")}
+        roofline = {dtype: flexunet.time("roofline", dtype) if any(m.endswith(dtype) for m in modes) else float("nan")
+                    for dtype in ("fp32", "bf16")}
         for case in cases:
             rows = results[case] = {"gflop": flexunet.time(case, "flops") / 1e9}
             for mode in modes:
@@ -270,7 +276,7 @@ def main() -> int:
 def _report(results: dict, scaling: dict, threads: dict, peers: list, roofline: dict, modes: list) -> list:
     """Print the three tables; return the rows that miss their targets."""
     short = []
-    print(f"roofline (4096^3 matrix product): fp32 {roofline['fp32']:.0f} GFLOP/s, bf16 {roofline['bf16']:.0f} GFLOP/s")
+    print(f"roofline (2048^3 matrix product): fp32 {roofline['fp32']:.0f} GFLOP/s, bf16 {roofline['bf16']:.0f} GFLOP/s")
     header = (f"{'case':58} {'row':15} {'flexunet':>9} " + " ".join(f"{p:>9}" for p in peers)
               + "  speed-up target  GFLOP/s roofline")
     print(header)

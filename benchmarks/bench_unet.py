@@ -66,7 +66,7 @@ def best_peer(ours, peers: dict, repeats: int) -> tuple[float, float, str]:
     return times["flexunet"], times[name], name
 
 
-def roofline(dtype: torch.dtype, size: int = 4096, repeats: int = 5) -> float:
+def roofline(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
     """GFLOP/s of a large square matrix product in `dtype`: the machine's practical peak."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
@@ -151,7 +151,7 @@ def main() -> int:
         peer_cl.load_state_dict(peer.state_dict())
         peer_cl.to(memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
-    gflop = summarize(ours, (SIDE, SIDE, 1)).flops * BATCH / 1e9  # 57.1 GFLOP per image
+    gflop = summarize(ours, (1, SIDE, SIDE)).flops * BATCH / 1e9  # 57.1 GFLOP per image
     peak = {"fp32": roofline(torch.float32), "bf16": roofline(torch.bfloat16)}
     rows, results = [], {"cpu": cpu, "threads": args.threads,
                          "batch": BATCH, "side": SIDE, "gflop_per_batch": gflop, "roofline_gflops": peak,
@@ -232,7 +232,7 @@ def main() -> int:
 
     print(f"flexunet {flexunet.__version__} vs sleap-nn, default UNet, batch {BATCH} @ {SIDE}x{SIDE}, "
           f"{args.threads} threads, torch {torch.__version__}; CPU: {describe(cpu)}")
-    print(f"roofline (4096^3 matmul): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s; "
+    print(f"roofline (2048^3 matmul): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s; "
           f"{gflop / BATCH:.1f} GFLOP per image")
     header = f"{'case':26} {'flexunet':>9} {'sleap-nn':>9} {'ratio':>6} {'target':>6} {'GFLOP/s':>8} {'roof':>5}  note"
     print(header)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the reference data produced by SLEAP's own Keras code."""
+"""Shared fixtures: the reference data produced by SLEAP's own Keras code, and private directories."""
 
 import json
 import os
@@ -57,3 +57,11 @@ def relative_error(ours: torch.Tensor, ref: np.ndarray) -> float:
 
 
 TOLERANCE = 1e-4
+
+
+@pytest.fixture
+def private_dir(tmp_path) -> Path:
+    """A fresh directory only the current user can write (what flexunet's kernel cache requires)."""
+    path = tmp_path / "private"
+    path.mkdir(mode=0o700)
+    return path

@@ -11,13 +11,12 @@ from flexunet.nn.layers import Conv2dSame
 
 
 @pytest.fixture
-def private_cache(tmp_path, monkeypatch):
-    directory = tmp_path / "cache"
-    directory.mkdir(mode=0o700)
-    monkeypatch.setenv("FLEXUNET_CACHE_DIR", str(directory))
+def private_cache(private_dir, monkeypatch):
+    """Choices recorded in a cache of their own, measured (not forced)."""
+    monkeypatch.setenv("FLEXUNET_CACHE_DIR", str(private_dir))
     monkeypatch.delenv("FLEXUNET_NATIVE", raising=False)
     choice.CHOICES._table = None
-    yield directory
+    yield private_dir
     choice.CHOICES._table = None
 
 
@@ -130,6 +129,8 @@ def test_every_conv3x3_candidate_computes_the_same_convolution(cin, cout, h, w, 
     runs = {"onednn": ops._onednn_conv3x3, "winograd": ops._winograd_conv3x3}
     if native.supports_dtype(dtype):
         runs["native"] = ops._native_conv3x3
+    if native.available():  # bfloat16 layers computed in float32 where bfloat16 is emulated
+        runs["native fp32"] = lambda *a: ops._in_float32(ops._native_conv3x3, *a)
     tolerance = 1e-5 if dtype == torch.float32 else 5e-2
     for name, run in runs.items():
         got = run(*args)
@@ -154,3 +155,27 @@ def test_every_transposed_candidate_computes_the_same_convolution(stride, kernel
         got = run()
         assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last), name
         assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5, name
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernels are not built here (no C compiler)")
+def test_bfloat16_autocast_training_has_float32_candidates_where_bfloat16_is_emulated(private_cache):
+    """Without AVX512-BF16 the operator serves bf16 autocast training too, and every gradient stays
+    within bfloat16 rounding of float32's."""
+    torch.manual_seed(2)
+    layer = Conv2dSame(32, 48, 3, activation="relu")
+    x = torch.randn(2, 32, 64, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert ("conv3x3" in y.grad_fn.name()) == (not native.has_bfloat16())
+    y.float().square().sum().backward()
+    got = [x.grad, layer.weight.grad, layer.bias.grad]
+    x2 = x.detach().requires_grad_()
+    w2, b2 = layer.weight.detach().requires_grad_(), layer.bias.detach().requires_grad_()
+    torch.relu(F.conv2d(x2, w2, b2, padding=1)).square().sum().backward()
+    for grad, want in zip(got, [x2.grad, w2.grad, b2.grad]):
+        assert grad.dtype == torch.float32
+        assert float((grad - want).abs().max() / want.abs().max()) < 3e-2
+    if not native.has_bfloat16():
+        keys = list(choice.choices())
+        assert any(k.endswith("|train") for k in keys) and any(k.startswith("conv3x3_weight_grad|") for k in keys)

@@ -167,15 +167,14 @@ def test_the_library_states_its_contract():
         native.signatures("int flexunet_bad(float scale);")
 
 
-def test_every_source_file_is_in_the_build_key(tmp_path, monkeypatch):
+def test_every_source_file_is_in_the_build_key(tmp_path, private_dir, monkeypatch):
     """Changing any header changes the library that is built (and so the one that is loaded)."""
     import shutil
 
     csrc = tmp_path / "csrc"
     shutil.copytree(native.CSRC, csrc)
     monkeypatch.setattr(native, "CSRC", csrc)
-    cache = tmp_path / "cache"
-    cache.mkdir(mode=0o700)
+    cache = private_dir
     first = native._build(native._compiler(), cache)
     (csrc / "simd.h").write_text((csrc / "simd.h").read_text() + "\n/* changed */\n")
     second = native._build(native._compiler(), cache)
@@ -400,7 +399,7 @@ def test_native_max_pool_is_tensorflows_same_pooling(shape, dtype):
 X86_64_V3 = {"avx2", "fma", "bmi2", "f16c", "movbe"}
 
 
-def test_the_kernels_are_exact_built_for_avx2(tmp_path):
+def test_the_kernels_are_exact_built_for_avx2(private_dir):
     """Every kernel test again, on the library built for `-march=x86-64-v3` (AVX2, 16 registers): the
     build most laptops and older servers get, run here whatever this CPU has beyond it."""
     import platform
@@ -412,8 +411,7 @@ def test_the_kernels_are_exact_built_for_avx2(tmp_path):
     flags = set(native._cpu_signature().split())
     if platform.machine() not in ("x86_64", "AMD64") or not X86_64_V3 <= flags:
         pytest.skip(f"an x86-64-v3 build needs {sorted(X86_64_V3)}; this CPU ({platform.machine()}) lacks some")
-    cache = tmp_path / "cache"
-    cache.mkdir(mode=0o700)
+    cache = private_dir
     env = {**os.environ, "FLEXUNET_MARCH": "x86-64-v3", "FLEXUNET_CACHE_DIR": str(cache)}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                          capture_output=True, text=True, env=env, timeout=900)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import flexunet
 from flexunet import kernels
-from flexunet.kernels import native, ops
+from flexunet.kernels import native
 from flexunet.nn.layers import Conv2dSame, ConvTranspose2dSame, MaxPool2dSame
 
 CONV3X3 = torch.ops.flexunet.conv3x3.default

@@ -107,8 +107,11 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         n, _, h, w = x.shape
         factor = 1 if upsample is None else 2
         tiles = n * -(-h * factor // 4) * -(-w * factor // 4)
-        if not (dtype == x.dtype == weight.dtype == torch.float32 and tiles >= TRAINING_MIN_TILES
-                and min(weight.shape[:2]) >= TRAINING_MIN_CHANNELS):
+        # bfloat16 autocast training joins where bfloat16 is emulated: float32 kernels are candidates there.
+        dtypes = dtype == x.dtype == weight.dtype == torch.float32 or (
+            dtype == torch.bfloat16 and weight.dtype == torch.float32 and native.mode() == "measure"
+            and not native.has_bfloat16())
+        if not (dtypes and tiles >= TRAINING_MIN_TILES and min(weight.shape[:2]) >= TRAINING_MIN_CHANNELS):
             return None
     return torch.ops.flexunet.conv3x3(x, weight, bias, dtype, not tracked, relu, skip, upsample or "none")
 

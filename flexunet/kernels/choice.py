@@ -148,7 +148,8 @@ def conv3x3_key(x: torch.Tensor, cout: int, dtype: torch.dtype, relu: bool, skip
 def weight_grad_key(x: torch.Tensor, grad: torch.Tensor, skip: Optional[torch.Tensor], upsample: str) -> str:
     n, cx, h, w = x.shape
     cs = 0 if skip is None else skip.shape[1]
-    return f"conv3x3_weight_grad|{n}x{cx}x{h}x{w}|skip{cs}|{upsample}|{grad.shape[1]}"
+    dtypes = "/".join(str(t.dtype).replace("torch.", "") for t in (x, grad))
+    return f"conv3x3_weight_grad|{dtypes}|{n}x{cx}x{h}x{w}|skip{cs}|{upsample}|{grad.shape[1]}"
 
 
 def transposed_key(x: torch.Tensor, cout: int, dtype: torch.dtype, bias: bool, kernel: int, stride: int,

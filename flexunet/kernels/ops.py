@@ -155,22 +155,34 @@ def _conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
         measured = choice.CHOICES.get(key) is None
         args = (x, weight, bias, dtype, cache, relu, skip, upsample)
         candidates = {"onednn": lambda: _onednn_conv3x3(*args)}
+        kinds = {"native": [("winograd", dtype), ("direct",)], "onednn": [("cast", dtype)],
+                 "winograd": [("torch-winograd", dtype)]}
         if native_ok:
             candidates["native"] = lambda: _native_conv3x3(*args)
         if min(cin, cout) >= WINOGRAD_CANDIDATE_MIN_CHANNELS:
             candidates["winograd"] = lambda: _winograd_conv3x3(*args)
+        if dtype == torch.bfloat16 and not native.has_bfloat16() and native.available():
+            # Without bfloat16 hardware oneDNN emulates it (~10x slower than float32): a bfloat16 layer
+            # may compute in float32 on the native kernels, its result rounded to bfloat16 (more exact).
+            candidates["native fp32"] = lambda: _in_float32(_native_conv3x3, *args)
+            kinds["native fp32"] = [("winograd", torch.float32), ("direct",)]
         y = choice.CHOICES.run(key, candidates)
         if measured and cache:  # keep only the winner's transformed weights
-            kinds = {"native": [("winograd", dtype), ("direct",)], "onednn": [("cast", dtype)],
-                     "winograd": [("torch-winograd", dtype)]}
             winner = choice.CHOICES.get(key)
-            CACHE.discard(weight, *(kind for name, held in kinds.items() if name != winner for kind in held))
+            keep = set(kinds.get(winner, []))
+            CACHE.discard(weight, *(kind for held in kinds.values() for kind in held if kind not in keep))
         return y
     narrow_bf16 = (dtype == torch.bfloat16 and max(cin, cout) <= NARROW_BF16_CHANNELS and not joined
                    and cin > native.DIRECT_MAX_CHANNELS)
     if native_ok and native.preferred() and not narrow_bf16:
         return _native_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample)
     return _torch_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample)
+
+
+def _in_float32(conv, x, weight, bias, dtype, cache, relu, skip, upsample):
+    """`conv` computed in float32 on float32 operands, its output rounded to `dtype`."""
+    y = conv(x.float(), weight, bias, torch.float32, cache, relu, None if skip is None else skip.float(), upsample)
+    return y.to(dtype)
 
 
 def _native_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
@@ -274,9 +286,10 @@ def conv3x3_weight_grad(x: torch.Tensor, grad: torch.Tensor, skip: Optional[torc
     with torch.autocast("cpu", enabled=False):
         n, cout, h, w = grad.shape
         tiles, cin = n * -(-h // 4) * -(-w // 4), x.shape[1] + (0 if skip is None else skip.shape[1])
-        if x.dtype == torch.float32 and native.mode() == "measure":
+        if native.mode() == "measure" and (x.dtype == torch.float32 or not native.has_bfloat16()):
+            # bfloat16 without bfloat16 hardware: the native float32 kernel is a candidate, as in the forward.
             return choice.CHOICES.run(choice.weight_grad_key(x, grad, skip, upsample), {
-                "native": lambda: _native_weight_grad(x, grad, skip, upsample),
+                "native": lambda: _native_weight_grad(x, grad, skip, upsample).to(x.dtype),
                 "torch": lambda: _torch_weight_grad(x, grad, skip, upsample)})
         if (x.dtype == torch.float32 and native.preferred() and tiles >= NATIVE_WEIGHT_GRAD_MIN_TILES
                 and min(cin, cout) > NATIVE_WEIGHT_GRAD_MAX_NARROW):

@@ -194,4 +194,19 @@ static inline void tile_origin(long t, int th, int tw, int tile, long *img, int 
     *x0 = (rem % tw) * tile;
 }
 
+typedef void (*tile_in_fn)(const struct conv_in *in, long img, int h, int w, int y0, int x0, void *v, int r,
+                           int rows);
+
+/* Tiles t0 .. t0 + count - 1 (4x4 outputs of the h x w map, th x tw per image) gathered and
+ * transformed by `in_fn` into rows 0 .. count - 1 of V. */
+static inline void transform_block(tile_in_fn in_fn, const struct conv_in *in, long t0, int count, int th, int tw,
+                                   int h, int w, void *v, int rows) {
+    for (int r = 0; r < count; r++) {
+        long img;
+        int y0, x0;
+        tile_origin(t0 + r, th, tw, TILE, &img, &y0, &x0);
+        in_fn(in, img, h, w, y0 - 1, x0 - 1, v, r, rows);
+    }
+}
+
 #endif

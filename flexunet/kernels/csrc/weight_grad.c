@@ -118,11 +118,11 @@ int flexunet_winograd_f43_weight_grad(const float *x, int cx, const float *skip,
             for (long blk = 0; blk < blocks; blk++) {
                 long t0 = blk * rows;
                 int count = tiles - t0 < rows ? (int)(tiles - t0) : rows;
+                transform_block(transform_tile, &in, t0, count, th, tw, h, w, v, rows);
                 for (int r = 0; r < count; r++) {
                     long img;
                     int y0, x0;
                     tile_origin(t0 + r, th, tw, TILE, &img, &y0, &x0);
-                    transform_tile(&in, img, h, w, y0 - 1, x0 - 1, v, r, rows);
                     gradient_tile(g + (size_t)img * h * w * cout, h, w, cout, cout16, y0, x0, dm, r, rows, panels);
                 }
                 for (int p = 0; p < P; p++)

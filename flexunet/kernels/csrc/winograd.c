@@ -13,8 +13,6 @@
 #include "microkernel.h"
 #include "tiles.h"
 
-typedef void (*tile_in_fn)(const struct conv_in *in, long img, int h, int w, int y0, int x0, void *v, int r,
-                           int rows);
 typedef void (*tile_out_fn)(const float *m, int ldm, int rows, int r, int j, int n, const float *bias, int relu,
                             void *out, int h, int w, int cout, int y0, int x0, int col0);
 
@@ -68,12 +66,7 @@ static int winograd(const struct conv_in *in, int n, int h, int w, const char *u
             for (long blk = 0; blk < blocks; blk++) {
                 long t0 = blk * rows;
                 int count = tiles - t0 < rows ? (int)(tiles - t0) : rows;
-                for (int r = 0; r < count; r++) {
-                    long img;
-                    int y0, x0;
-                    tile_origin(t0 + r, th, tw, tile, &img, &y0, &x0);
-                    kind->in(in, img, h, w, y0 - 1, x0 - 1, v, r, rows);
-                }
+                transform_block(kind->in, in, t0, count, th, tw, h, w, v, rows);
                 int used = (count + MR - 1) / MR * MR;
                 for (int pn = 0; pn < panels; pn++) {
                     int width = cout16 - pn * NR < NR ? cout16 - pn * NR : NR;
