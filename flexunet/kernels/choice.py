@@ -3,8 +3,9 @@
 A 3x3 convolution or a transposed convolution in inference can run on the native
 kernels or on PyTorch's own (oneDNN, or Winograd as batched products); which is
 faster depends on the CPU (AVX-512, AVX2, ARM), the channels, the size and the
-dtype. The first call of each layer shape times every candidate a few times,
-interleaved (at most `BUDGET_S` seconds per candidate after its warm-up run), keeps
+dtype. The first call of each layer shape times every candidate after one warm-up run:
+once, and up to `ROUNDS` times interleaved while the two fastest are within
+`CLEAR` of each other (at most `BUDGET_S` seconds per candidate), keeps
 the fastest, and records it in `choices-<key>.json` in the private kernel cache,
 keyed by CPU model and flags, PyTorch version, kernel build and thread count, so
 later processes on this machine skip the measurement.
@@ -31,6 +32,7 @@ from flexunet.kernels import native
 
 BUDGET_S = 0.25  # timed seconds per candidate and layer shape, after one warm-up run
 ROUNDS = 3  # timed runs per candidate at most (interleaved)
+CLEAR = 1.25  # a candidate this much faster than the next after one round wins without more rounds
 FORMAT = "1"
 
 
@@ -87,7 +89,9 @@ class Choices:
         for name, fn in candidates.items():  # warm-up: weight transforms cached, buffers allocated
             results[name] = fn()
         spent = dict.fromkeys(candidates, 0.0)
-        for _ in range(ROUNDS):
+        for round_ in range(ROUNDS):
+            if round_ and _clear_winner(times):
+                break  # more rounds only while the two fastest are within CLEAR of each other
             for name, fn in candidates.items():
                 if spent[name] >= BUDGET_S:
                     continue
@@ -121,6 +125,11 @@ class Choices:
             if path is not None and path.exists():
                 path.unlink()
             self._table, self._path = None, None
+
+
+def _clear_winner(times: dict[str, list]) -> bool:
+    best = sorted(min(t) for t in times.values())
+    return len(best) < 2 or best[0] * CLEAR < best[1]
 
 
 CHOICES = Choices()

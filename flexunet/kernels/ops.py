@@ -380,8 +380,11 @@ def _native_conv_transpose(x, weight, bias, dtype):
 def _onednn_conv_transpose(x, weight, bias, stride, crop, dtype):
     """oneDNN's transposed convolution on channels-last memory, cropped to TensorFlow's 'same' window."""
     x = x.to(dtype).contiguous(memory_format=CHANNELS_LAST)
-    h, w = x.shape[2] * stride, x.shape[3] * stride
-    full = F.conv_transpose2d(x, _cast(weight, dtype, True), _bias(bias, dtype), stride=stride)
+    h, w, k = x.shape[2] * stride, x.shape[3] * stride, weight.shape[-1]
+    # The full output has (H - 1) * s + k rows; the window may reach `crop + s - k` rows past it
+    # (k < s + crop), which output_padding adds (rows with the bias alone).
+    extra = max(crop + stride - k, 0)
+    full = F.conv_transpose2d(x, _cast(weight, dtype, True), _bias(bias, dtype), stride=stride, output_padding=extra)
     return full[:, :, crop:crop + h, crop:crop + w].contiguous(memory_format=CHANNELS_LAST)
 
 
