@@ -49,7 +49,7 @@ def _file() -> Optional[Path]:
 
 
 class Choices:
-    """Measured choices, by layer key (a string such as `conv3x3|float32|4x64x96x96|64|plain|relu`)."""
+    """Measured choices, by layer key (a string such as `conv3x3|float32|4x64x96x96|skip0|none|64|relu`)."""
 
     def __init__(self):
         self._table: Optional[dict[str, dict]] = None
@@ -136,7 +136,9 @@ CHOICES = Choices()
 
 
 def choices() -> dict[str, dict]:
-    """What this machine measured: `{layer key: {"choice": "native" | "torch", "ms": {...}}}`."""
+    """What this machine measured: `{layer key: {"choice": name, "ms": {name: milliseconds}}}`, names among
+    "native", "onednn", "winograd", "native fp32" (convolutions), "gemm" (transposed) and "torch" (weight
+    gradients)."""
     return CHOICES.table()
 
 
