@@ -18,8 +18,9 @@ antlr4-python3-runtime pyyaml loguru`); SLEAP's original layout in tf-keras, bf1
 `--keras-python`). GFLOP/s count the direct convolutions (training: 3x the forward) against a
 matrix-product roofline measured in the same run. Two more checks: time per megapixel of fp32
 inference at 1024x1024 within 20% of that at 256x256 (same pixels per call), and flexunet on two
-threads never slower than on one. The results file is named after the CPU (`machine.py`), so runs on
-different CPU kinds sit side by side in `benchmarks/results/`.
+threads never slower than on one. The results file is named after the CPU (`machine.py`) and the
+time of the run, so every run on every CPU kind is kept side by side in `benchmarks/results/`
+(`tables.py` prints them, one table per CPU, with the range over its runs).
 """
 
 from __future__ import annotations
@@ -260,17 +261,32 @@ def main() -> int:
         for w in [*systems.values(), one_thread]:
             w.close()
     short = _report(results, scaling, threads, peers, roofline, modes)
+    stamp = time.strftime("%Y%m%d-%H%M", time.gmtime())  # every run kept: tables.py gives their range
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                     f"profiles-{cpu_slug(cpu)}.json")
+                                     f"profiles-{cpu_slug(cpu)}-{stamp}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     import torch
 
     with open(path, "w") as f:
-        json.dump({"cpu": cpu, "torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
+        json.dump({"cpu": cpu, "torch": torch.__version__, "commit": _commit(), "threads": args.threads,
+                   "rounds": args.rounds,
                    "peers": peers, "roofline_gflops": roofline, "cases": results, "seconds_per_megapixel": scaling,
                    "one_vs_two_threads": threads, "short": short}, f, indent=2)
     print(f"wrote {path}")
     return 0
+
+
+def _commit() -> str:
+    """The flexunet commit measured (with `+changes` when the working tree differs from it)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+changes" if dirty else "")
 
 
 def _report(results: dict, scaling: dict, threads: dict, peers: list, roofline: dict, modes: list) -> list:

@@ -1,6 +1,7 @@
 """The README's tables from `bench_profiles.py` results: one table per results file (per CPU kind).
 
-    python benchmarks/tables.py benchmarks/results/profiles-*.json
+    python benchmarks/tables.py                      # every benchmarks/results/profiles-*.json
+    python benchmarks/tables.py FILE [FILE ...]
 
 Each cell is flexunet's speed-up over the fastest peer at the same precision (the peer named when
 it is not the same on every row), with the range over several files of the same CPU when given.
@@ -8,8 +9,10 @@ it is not the same on every row), with the range over several files of the same 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import statistics
 import sys
 from collections import defaultdict
 
@@ -20,7 +23,8 @@ MODES = ("inference fp32", "inference bf16", "training fp32", "training bf16")
 
 
 def table(runs: list[dict]) -> str:
-    """Markdown for the runs of one CPU: median-of-runs cell, (min-max) when several runs."""
+    """Markdown for the runs of one CPU: each cell the median over the runs (flexunet's seconds, its
+    speed-up), the speed-up's (min-max) when there are several."""
     modes = [m for m in MODES if any(m in rows for run in runs for rows in run["cases"].values())]
     cells = defaultdict(list)
     for run in runs:
@@ -40,14 +44,17 @@ def table(runs: list[dict]) -> str:
                 row.append("-")
                 continue
             ratios = sorted(v[0] for v in values)
-            last = values[-1]
+            seconds = statistics.median(v[2] for v in values)
+            peers = "/".join(dict.fromkeys(v[1] for v in values))
             span = f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
-            row.append(f"{last[2]:.3f} s, {last[0]:.2f}x{span} vs {last[1]}")
+            row.append(f"{seconds:.3f} s, {statistics.median(ratios):.2f}x{span} vs {peers}")
         lines.append(f"| {case} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def main(paths: list[str]) -> int:
+    if not paths:
+        paths = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "profiles-*.json")))
     by_cpu = defaultdict(list)
     for path in paths:
         with open(path) as f:

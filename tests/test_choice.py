@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexunet.kernels import choice, native
+from flexunet.kernels import choice, native, ops
 from flexunet.nn.layers import Conv2dSame
 
 
@@ -82,7 +82,8 @@ def test_a_layer_runs_its_measured_or_forced_choice_exactly(private_cache, monke
     if expected_mode == "measure":
         (key, entry), = recorded.items()
         assert key == "conv3x3|float32|2x32x40x40|skip0|none|48|relu"
-        assert entry["choice"] in ("native", "onednn") and set(entry["ms"]) == {"native", "onednn"}
+        expected = {"native", "onednn"} | ({"onednn relu"} if ops.fused_relu_available(torch.float32) else set())
+        assert entry["choice"] in expected and set(entry["ms"]) == expected
     else:
         assert recorded == {}  # forced: nothing measured
 
@@ -127,6 +128,8 @@ def test_every_conv3x3_candidate_computes_the_same_convolution(cin, cout, h, w, 
     want = torch.relu(want) if relu else want
     args = (x.to(dtype), weight, bias, dtype, True, relu, None if skip is None else skip.to(dtype), upsample)
     runs = {"onednn": ops._onednn_conv3x3, "winograd": ops._winograd_conv3x3}
+    if relu and ops.fused_relu_available(dtype):
+        runs["onednn relu"] = lambda *a: ops._onednn_conv3x3(*a, fused=True)
     if native.supports_dtype(dtype):
         runs["native"] = ops._native_conv3x3
     if native.available():  # bfloat16 layers computed in float32 where bfloat16 is emulated
@@ -181,3 +184,33 @@ def test_bfloat16_autocast_training_has_float32_candidates_where_bfloat16_is_emu
     if not native.has_bfloat16():
         keys = list(choice.choices())
         assert any(k.endswith("|train") for k in keys) and any(k.startswith("conv3x3_weight_grad|") for k in keys)
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernels are not built here (no C compiler)")
+@pytest.mark.parametrize("shape", [(2, 16, 32, 32), (1, 20, 7, 9), (3, 5, 1, 2)])
+def test_pooling_is_measured_and_its_candidates_agree(private_cache, shape):
+    torch.manual_seed(shape[1])
+    x = torch.randn(*shape)
+    x[0, 0, 0, 0] = float("nan")  # propagated by both, as TensorFlow and torch do
+    want = F.max_pool2d(x, 2, 2, ceil_mode=True)
+    for got in (native.max_pool2x2(x), ops._torch_max_pool2x2(x)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.ops.flexunet.max_pool2x2(x), want, rtol=0, atol=0, equal_nan=True)
+    entry = choice.choices()[choice.pool_key(x)]
+    assert entry["choice"] in ("native", "torch") and set(entry["ms"]) == {"native", "torch"}
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernels are not built here (no C compiler)")
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_the_upsampling_adjoint_is_measured_and_its_candidates_agree(private_cache, mode):
+    torch.manual_seed(0)
+    grad = torch.randn(2, 21, 10, 14).contiguous(memory_format=torch.channels_last)
+    source = torch.randn(2, 13, 5, 7, dtype=torch.float64, requires_grad=True)
+    options = {"align_corners": False} if mode == "bilinear" else {}
+    F.interpolate(source, scale_factor=2, mode=mode, **options).backward(grad[:, 8:].double())
+    for got in (native.upsample2x_adjoint(grad, 8, mode), ops._torch_upsample2x_backward(grad, 8, mode),
+                torch.ops.flexunet.upsample2x_backward(grad, 8, mode)):
+        torch.testing.assert_close(got.double(), source.grad, rtol=1e-5, atol=1e-5)
+    entry = choice.choices()[choice.upsample_adjoint_key(grad, 8, mode)]
+    assert entry["choice"] in ("native", "torch") and set(entry["ms"]) == {"native", "torch"}

@@ -20,10 +20,10 @@ operation is the better or the only choice:
 * while exporting (`torch.export`, ONNX) or scripting: exported graphs hold
   standard operators that any runtime executes;
 * off the CPU, or for dtypes other than float32 and bfloat16;
-* where the operator would only run what the layer runs itself: a convolution of
-  fewer than `ops.TORCH_WINOGRAD_MIN_CHANNELS` channels whose measured (or forced)
-  choice is PyTorch's, and 2x2 pooling where the native kernels are not
-  `native.preferred()` (the operator's dispatch costs ~0.4 ms a call);
+* where the operator would only run what the layer runs itself: with PyTorch's
+  paths forced (`FLEXUNET_NATIVE=0`, or no native kernels), a convolution of fewer
+  than `ops.TORCH_WINOGRAD_MIN_CHANNELS` channels; a 2x2 pooling whose measured (or
+  forced) choice is PyTorch's;
 * in training, except 3x3 float32 convolutions of at least
   `TRAINING_MIN_CHANNELS` channels and `TRAINING_MIN_TILES` 4x4 output tiles
   (the operator then also computes both gradients, each chosen by measurement;
@@ -82,15 +82,12 @@ def _tracked(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
-def _layer_does_it(x, weight, dtype, relu, skip, upsample) -> bool:
-    """Whether inference of this convolution would run oneDNN's convolution, as the layer does itself."""
+def _layer_does_it(weight, dtype) -> bool:
+    """Whether inference of this convolution would run oneDNN's convolution just as the layer does itself:
+    where PyTorch's paths are forced (or the only ones) and the layer is not wide enough for Winograd.
+    Measured choices always run in the operator, whose oneDNN candidates keep channels-last memory."""
     mode, wide = native.mode(), min(weight.shape[:2]) >= ops.TORCH_WINOGRAD_MIN_CHANNELS
-    if mode == "torch" or (mode == "native" and not native.supports_dtype(dtype)):
-        return not wide  # from 256 channels the operator runs Winograd as batched products
-    if mode == "native" or torch.compiler.is_compiling():
-        return False  # compiled graphs keep the operator, which looks up (or measures) its choice when run
-    key = choice.conv3x3_key(x, weight.shape[0], dtype, relu, skip, upsample or "none")
-    return choice.CHOICES.get(key) == "onednn"
+    return not wide and (mode == "torch" or (mode == "native" and not native.supports_dtype(dtype)))
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], relu: bool = False,
@@ -101,7 +98,7 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         return None
     dtype = compute_dtype(x)
     tracked = _tracked(x, weight) or (skip is not None and _tracked(skip, weight))
-    if not tracked and _layer_does_it(x, weight, dtype, relu, skip, upsample):
+    if not tracked and _layer_does_it(weight, dtype):
         return None  # the operator would run oneDNN's convolution as the layer does: spare its dispatch
     if tracked:
         n, _, h, w = x.shape
@@ -118,8 +115,12 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
 
 def max_pool2x2(x: torch.Tensor) -> Optional[torch.Tensor]:
     """`flexunet::max_pool2x2` in inference (see the module docstring), else None."""
-    if not _eligible(x) or (torch.is_grad_enabled() and x.requires_grad) or not native.preferred():
+    if not _eligible(x) or (torch.is_grad_enabled() and x.requires_grad) or not native.supports_dtype(x.dtype):
         return None
+    mode = native.mode()
+    if mode == "torch" or (mode == "measure" and not torch.compiler.is_compiling()
+                           and choice.CHOICES.get(choice.pool_key(x)) == "torch"):
+        return None  # the layer's own pooling: spare the operator's dispatch
     return torch.ops.flexunet.max_pool2x2(x)
 
 

@@ -36,16 +36,22 @@ CLEAR = 1.25  # a candidate this much faster than the next after one round wins 
 FORMAT = "1"
 
 
+_FILES: dict[tuple, Optional[Path]] = {}  # by cache setting, kernel build and thread count
+
+
 def _file() -> Optional[Path]:
-    """The choices file of this CPU, PyTorch, kernel build and thread count, or None without a private cache."""
+    """The choices file of this CPU, PyTorch, kernel build and thread count, or None without a private cache.
+
+    Looked up on every layer call, so worked out once per cache setting, build and thread count."""
     lib = native.library()
-    directory, _ = native.private_cache_dir()
-    if directory is None:
-        return None
-    build = getattr(lib, "_name", "none") if lib is not None else "none"
-    key = "\0".join([FORMAT, native._cpu_signature(), torch.__version__, os.path.basename(build),
-                     str(torch.get_num_threads())])
-    return directory / f"choices-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    build = os.path.basename(getattr(lib, "_name", "none") if lib is not None else "none")
+    setting = (native.cache_dir(), build, torch.get_num_threads())
+    if setting not in _FILES:
+        directory, _ = native.private_cache_dir()
+        key = "\0".join([FORMAT, native._cpu_signature(), torch.__version__, build, str(setting[2])])
+        _FILES[setting] = None if directory is None else (
+            directory / f"choices-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
+    return _FILES[setting]
 
 
 class Choices:
@@ -138,7 +144,7 @@ CHOICES = Choices()
 def choices() -> dict[str, dict]:
     """What this machine measured: `{layer key: {"choice": name, "ms": {name: milliseconds}}}`, names among
     "native", "onednn", "winograd", "native fp32" (convolutions), "gemm" (transposed) and "torch" (weight
-    gradients)."""
+    gradients, pooling)."""
     return CHOICES.table()
 
 
@@ -168,3 +174,13 @@ def transposed_key(x: torch.Tensor, cout: int, dtype: torch.dtype, bias: bool, k
     n, cin, h, w = x.shape
     return (f"transposed|{str(dtype).replace('torch.', '')}|{n}x{cin}x{h}x{w}|{cout}|k{kernel}s{stride}c{crop}"
             f"|{'bias' if bias else 'nobias'}")
+
+
+def pool_key(x: torch.Tensor) -> str:
+    n, c, h, w = x.shape
+    return f"max_pool2x2|{str(x.dtype).replace('torch.', '')}|{n}x{c}x{h}x{w}"
+
+
+def upsample_adjoint_key(grad: torch.Tensor, start: int, mode: str) -> str:
+    n, c, h, w = grad.shape
+    return f"upsample2x_adjoint|{str(grad.dtype).replace('torch.', '')}|{n}x{c}x{h}x{w}|from{start}|{mode}"

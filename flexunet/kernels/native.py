@@ -157,17 +157,23 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def library_name(compiler: str) -> str:
+    """`kernels-<key>.so`, the key a digest of every source and header, the compiler's version, the flags
+    and the CPU: a change to any of them builds (and loads) another library."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\0".join([CACHE_FORMAT, *(f"{p.name}\0{p.read_text()}" for p in sources()), version,
+                                    " ".join(flags()), _cpu_signature()]).encode())
+    return f"kernels-{key.hexdigest()[:16]}.so"
+
+
 def _build(compiler: str, directory: Path) -> Path:
     """The library for this source, compiler, flags and CPU in `directory`, compiled if missing.
 
     Its SHA-256 is recorded beside it (`.sha256`) when it is built; a library whose
     digest does not match (truncated, replaced, or not built by flexunet) is refused.
     """
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     files = sources()
-    key = hashlib.sha256("\0".join([CACHE_FORMAT, *(f"{p.name}\0{p.read_text()}" for p in files), version,
-                                    " ".join(flags()), _cpu_signature()]).encode())
-    target = directory / f"kernels-{key.hexdigest()[:16]}.so"
+    target = directory / library_name(compiler)
     record = target.with_suffix(".sha256")
     if not target.exists():
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
@@ -251,18 +257,11 @@ def mode() -> str:
 
 @torch.compiler.assume_constant_result  # decided once per trace, outside the graph
 def preferred() -> bool:
-    """Whether training and pooling run on the native kernels (inference convolutions are measured):
-    `FLEXUNET_NATIVE=1`, or on CPUs with AVX-512.
-
-    Their training kernels were tuned on AVX-512 (AMD EPYC Zen 4); on AVX2 (AMD EPYC
-    Zen 3, 2 threads) oneDNN's backward and the PyTorch pooling were faster than
-    the native ones, so other CPUs use them.
-    """
+    """Whether the native kernels run where nothing is measured: `FLEXUNET_NATIVE=1` (and the kernels
+    are built). Unset, every kernel with a native and a PyTorch implementation is chosen by measurement
+    (`mode()`); `FLEXUNET_NATIVE=0` runs PyTorch's."""
     allocator.keep_freed_memory()
-    forced = _forced()
-    if forced is not None:
-        return forced and available()
-    return _has_avx512() and available()
+    return bool(_forced()) and available()
 
 
 def supports_dtype(dtype: torch.dtype) -> bool:

@@ -13,8 +13,8 @@ fastest implementation at run time:
 * `conv3x3_weight_grad(x, grad, skip, upsample)` and `upsample2x_backward(grad,
   start, mode)`: the weight gradient of `conv3x3` and the adjoint of the upsampling,
   which its autograd formula calls (native kernels, else ATen).
-* `max_pool2x2(x)`: TensorFlow's 'same' 2x2 max pooling (inference; training keeps
-  ATen's, whose backward needs its indices).
+* `max_pool2x2(x)`: TensorFlow's 'same' 2x2 max pooling (inference, native or ATen's
+  by measurement; training keeps ATen's, whose backward needs its indices).
 * `conv_transpose_same(x, weight, bias, stride, crop, dtype)`: the transposed
   convolution of `x` (N, Cin, H, W) with `weight` (Cin, Cout, k, k), of which the
   rows and columns `crop .. crop + H * stride` are kept (TensorFlow: `crop =
@@ -155,8 +155,10 @@ def _conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
         measured = choice.CHOICES.get(key) is None
         args = (x, weight, bias, dtype, cache, relu, skip, upsample)
         candidates = {"onednn": lambda: _onednn_conv3x3(*args)}
-        kinds = {"native": [("winograd", dtype), ("direct",)], "onednn": [("cast", dtype)],
-                 "winograd": [("torch-winograd", dtype)]}
+        kinds = {"native": [("winograd", dtype), ("direct",)], "onednn": [("onednn", dtype)],
+                 "onednn relu": [("onednn", dtype)], "winograd": [("torch-winograd", dtype)]}
+        if relu and fused_relu_available(dtype):
+            candidates["onednn relu"] = lambda: _onednn_conv3x3(*args, fused=True)
         if native_ok:
             candidates["native"] = lambda: _native_conv3x3(*args)
         if min(cin, cout) >= WINOGRAD_CANDIDATE_MIN_CHANNELS:
@@ -202,12 +204,39 @@ def _torch_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
     return _onednn_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample)
 
 
-def _onednn_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
-    """oneDNN's convolution on channels-last memory (AMX or AVX-512 bfloat16 where the CPU has them)."""
+def _onednn_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample, fused=False):
+    """oneDNN's convolution on channels-last memory (AMX or AVX-512 bfloat16 where the CPU has them);
+    `fused`: its ReLU as oneDNN's post-op (`mkldnn::_convolution_pointwise`, which sets up its
+    primitive at every call: faster on large maps only, so a candidate of its own)."""
     x = _upsampled_input(x.to(dtype), skip, upsample).contiguous(memory_format=CHANNELS_LAST)
-    y = F.conv2d(x, _cast(weight, dtype, cache), _bias(bias, dtype), padding=1)
-    y = torch.relu_(y) if relu else y
+    # A channels-last weight makes oneDNN write channels-last output, even for an image's 1-3 channels.
+    w = _derived(weight, ("onednn", dtype), lambda: weight.detach().to(dtype).contiguous(memory_format=CHANNELS_LAST),
+                 cache)
+    b = _bias(bias, dtype)
+    if fused:
+        y = torch.ops.mkldnn._convolution_pointwise(x, w, b, [1, 1], [1, 1], [1, 1], 1, "relu", [None], "")
+    else:
+        y = F.conv2d(x, w, b, padding=1)
+        y = torch.relu_(y) if relu else y
     return y.contiguous(memory_format=CHANNELS_LAST)
+
+
+def fused_relu_available(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's convolution with a fused ReLU runs here in `dtype` (tried once on a tiny input)."""
+    if dtype not in _FUSED_RELU:
+        ok = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+        if ok:
+            x = torch.ones(1, 2, 3, 3, dtype=dtype).contiguous(memory_format=CHANNELS_LAST)
+            w = torch.ones(2, 2, 3, 3, dtype=dtype).contiguous(memory_format=CHANNELS_LAST)
+            try:
+                torch.ops.mkldnn._convolution_pointwise(x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", [None], "")
+            except RuntimeError:  # e.g. bfloat16 on CPUs without AVX-512 BW/VL/DQ or AVX-NE-CONVERT
+                ok = False
+        _FUSED_RELU[dtype] = ok
+    return _FUSED_RELU[dtype]
+
+
+_FUSED_RELU: dict[torch.dtype, bool] = {}
 
 
 def _winograd_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
@@ -261,8 +290,16 @@ def _conv3x3_backward(ctx, grad):
 def upsample2x_backward(grad: torch.Tensor, start: int, mode: str) -> torch.Tensor:
     """The gradient of a source upsampled by 2 (`mode` "bilinear" or "nearest", as `F.interpolate`)
     whose upsampled copy is channels `start:` of `grad`; computed from `grad` in place (no slice copy)."""
+    if grad.dtype == torch.float32 and native.mode() == "measure":
+        return choice.CHOICES.run(choice.upsample_adjoint_key(grad, start, mode), {
+            "native": lambda: native.upsample2x_adjoint(grad, start, mode),
+            "torch": lambda: _torch_upsample2x_backward(grad, start, mode)})
     if grad.dtype == torch.float32 and native.preferred():
         return native.upsample2x_adjoint(grad, start, mode)
+    return _torch_upsample2x_backward(grad, start, mode)
+
+
+def _torch_upsample2x_backward(grad: torch.Tensor, start: int, mode: str) -> torch.Tensor:
     part = grad[:, start:]
     size, shape = [int(s) for s in part.shape[2:]], [part.shape[0], part.shape[1], part.shape[2] // 2, part.shape[3] // 2]
     if mode == "bilinear":
@@ -328,8 +365,15 @@ conv3x3.register_autograd(_conv3x3_backward, setup_context=_conv3x3_setup)
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     """2x2 max pooling with stride 2 and TensorFlow's 'same' padding (windows clipped at the
     bottom/right): (N, C, ceil(H / 2), ceil(W / 2)), NaN propagated."""
-    if native.supports_dtype(x.dtype) and native.preferred():
+    if not native.supports_dtype(x.dtype) or native.mode() == "torch":
+        return _torch_max_pool2x2(x)
+    if native.mode() == "native":
         return native.max_pool2x2(x)
+    return choice.CHOICES.run(choice.pool_key(x), {"native": lambda: native.max_pool2x2(x),
+                                                   "torch": lambda: _torch_max_pool2x2(x)})
+
+
+def _torch_max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(x, 2, 2, ceil_mode=True).contiguous(memory_format=CHANNELS_LAST)
 
 

@@ -1,12 +1,33 @@
 /* 2x2 max pooling, stride 2, TensorFlow 'same' (windows clipped at the bottom/right), channels-
  * last, float32 or bfloat16 (`bf16`, on AVX512-BF16 builds). NaN propagates, as in torch.
  *   x    (N, H, W, C)      out  (N, ceil(H / 2), ceil(W / 2), C)
+ * Memory-bound: one pass over the input in the machine's own vectors.
  */
 #include "simd.h"
 
-static inline v16 max_keep_nan(v16 m, v16 v) {
-    mask16 take = (v > m) | (v != v);
-    return (v16)(((mask16)v & take) | ((mask16)m & ~take));
+static inline vec max_keep_nan(vec m, vec v) {
+    maskv take = (v > m) | (v != v);
+    return (vec)(((maskv)v & take) | ((maskv)m & ~take));
+}
+
+/* `n` (1..VL) elements at p as float32; bfloat16 only on AVX512-BF16 builds, where vec is v16. */
+static inline vec load_px(const char *p, int n, int bf16) {
+#if HAS_BF16
+    if (bf16) return load_bf16_n(p, n);
+#endif
+    (void)bf16;
+    return loadv_n(p, n);
+}
+
+static inline void store_px(char *p, vec v, int n, int bf16) {
+#if HAS_BF16
+    if (bf16) {
+        store_bf16_n((uint16_t *)p, v, n);
+        return;
+    }
+#endif
+    (void)bf16;
+    putv_n(p, v, n);
 }
 
 int flexunet_max_pool2x2(const void *input, int n, int h, int w, int c, void *output, int bf16, int threads) {
@@ -15,22 +36,28 @@ int flexunet_max_pool2x2(const void *input, int n, int h, int w, int c, void *ou
     const char *x = input;
     char *out = output;
     const int oh = (h + 1) / 2, ow = (w + 1) / 2;
-    const size_t size = bf16 ? 2 : 4;
+    const size_t size = bf16 ? 2 : 4, pixel = size * c, row = pixel * w;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long item = 0; item < (long)n * oh; item++) {
-        long img = item / oh;
-        int i = item % oh;
-        for (int j = 0; j < ow; j++)
-            for (int cc = 0; cc < c; cc += 16) {
-                int k = c - cc < 16 ? c - cc : 16;
-                v16 m = load_elem_n(x + size * (((size_t)(img * h + 2 * i) * w + 2 * j) * c + cc), k, bf16);
-                for (int dy = 0; dy < 2; dy++)
-                    for (int dx = 0; dx < 2; dx++)
-                        if ((dy || dx) && 2 * i + dy < h && 2 * j + dx < w)
-                            m = max_keep_nan(m, load_elem_n(x + size * (((size_t)(img * h + 2 * i + dy) * w + 2 * j + dx) * c + cc), k, bf16));
-                store_elem_n(out + size * ((((size_t)img * oh + i) * ow + j) * c + cc), m, k, bf16);
+        const long img = item / oh;
+        const int i = item % oh, rows = 2 * i + 1 < h ? 2 : 1;
+        const char *top = x + (size_t)(img * h + 2 * i) * row;
+        char *dst = out + (size_t)item * ow * pixel;
+        for (int j = 0; j < ow; j++) {
+            const int cols = 2 * j + 1 < w ? 2 : 1;
+            const char *p = top + (size_t)2 * j * pixel;
+            for (int cc = 0; cc < c; cc += VL) {
+                const int k = c - cc < VL ? c - cc : VL;
+                const size_t at = size * cc;
+                vec m = load_px(p + at, k, bf16);
+                if (cols == 2) m = max_keep_nan(m, load_px(p + pixel + at, k, bf16));
+                if (rows == 2) {
+                    m = max_keep_nan(m, load_px(p + row + at, k, bf16));
+                    if (cols == 2) m = max_keep_nan(m, load_px(p + row + pixel + at, k, bf16));
+                }
+                store_px(dst + (size_t)j * pixel + at, m, k, bf16);
             }
+        }
     }
     return 0;
 }
-

@@ -22,7 +22,7 @@ int flexunet_upsample2x_adjoint(const float *g, int n, int hh, int ww, int strid
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *row = work_buffer(sizeof(float) * (size_t)ww * 16, 0, &failed); /* one 16-channel slice */
+        float *row = work_buffer(sizeof(float) * (size_t)ww * VL, 0, &failed); /* one VL-channel slice */
 #pragma omp barrier
         if (!failed) {
 #pragma omp for schedule(static)
@@ -30,25 +30,25 @@ int flexunet_upsample2x_adjoint(const float *g, int n, int hh, int ww, int strid
                 long img = item / h;
                 int i = item % h;
                 const float *gi = g + (size_t)img * hh * ww * stride;
-                for (int cc = 0; cc < c; cc += 16) { /* rows into `row` (ww x 16), then columns */
-                    int k = c - cc < 16 ? c - cc : 16;
+                for (int cc = 0; cc < c; cc += VL) { /* rows into `row` (ww x VL), then columns */
+                    int k = c - cc < VL ? c - cc : VL;
                     for (int x = 0; x < ww; x++) {
-                        v16 acc = (v16){0};
+                        vec acc = (vec){0};
                         for (int y = 2 * i - reach; y <= 2 * i + 1 + reach; y++) {
                             if (y < 0 || y >= hh) continue;
                             float wy = bilinear ? bilinear_weight(y, i, h) : 1.0f;
-                            acc += wy * load_f32_n((const char *)(gi + ((size_t)y * ww + x) * stride + cc), k);
+                            acc += wy * loadv_n((const char *)(gi + ((size_t)y * ww + x) * stride + cc), k);
                         }
-                        store(row + (size_t)x * 16, acc);
+                        *(vec *)(row + (size_t)x * VL) = acc;
                     }
                     for (int j = 0; j < w; j++) {
-                        v16 acc = (v16){0};
+                        vec acc = (vec){0};
                         for (int x = 2 * j - reach; x <= 2 * j + 1 + reach; x++) {
                             if (x < 0 || x >= ww) continue;
                             float wx = bilinear ? bilinear_weight(x, j, w) : 1.0f;
-                            acc += wx * load(row + (size_t)x * 16);
+                            acc += wx * loadv(row + (size_t)x * VL);
                         }
-                        store_f32_n(out + (((size_t)img * h + i) * w + j) * c + cc, acc, k);
+                        putv_n((char *)(out + (((size_t)img * h + i) * w + j) * c + cc), acc, k);
                     }
                 }
             }
