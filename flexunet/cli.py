@@ -3,6 +3,7 @@
     flexunet summary [--config FILE] [--input-shape H W C]
     flexunet convert MODEL_DIR OUT
     flexunet predict VIDEO -m MODEL [-m MODEL] -o OUT.slp [--frames 0-7] [...]
+    flexunet kernels [--measure] [--config FILE] [--input-shape H W C] [--batch N] [--bf16] [--clear]
 
 Errors print one line on stderr and exit with status 2; `--debug` shows the traceback.
 """
@@ -148,6 +149,43 @@ def _predict(args: argparse.Namespace) -> None:
           f"({len(frames) / seconds:.1f} frames/s, {predictor.model_type})")
 
 
+def _kernels(args: argparse.Namespace) -> None:
+    import torch
+
+    from flexunet.kernels import choice, native
+
+    if args.clear:
+        choice.clear()
+        print("flexunet: the measured kernel choices of this machine are forgotten.")
+        return
+    print(f"mode: {native.mode()} (FLEXUNET_NATIVE={os.environ.get('FLEXUNET_NATIVE', '') or 'unset'}); "
+          f"{torch.get_num_threads()} threads; choices file: {choice._file() or 'none (no private cache)'}")
+    if args.measure:
+        if args.batch < 1:
+            raise ValueError(f"--batch must be at least 1, got {args.batch}.")
+        from flexunet.summary import summarize
+
+        model = _model_for_summary(args.config, args.input_shape).eval()
+        h, w, c = summarize(model, input_shape=tuple(args.input_shape) if args.input_shape else None).input_shape
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=args.bf16):
+            model(torch.rand(args.batch, c, h, w))
+    table = choice.choices()
+    if not table:
+        print("nothing measured yet: run a model (or `flexunet kernels --measure`) first.")
+        return
+    width = max(len(key) for key in table)
+    print(f"{'layer':{width}}  {'chosen':12}  milliseconds per candidate")
+    for key, entry in sorted(table.items()):
+        times = ", ".join(f"{name} {ms:.3f}" for name, ms in sorted(entry["ms"].items(), key=lambda kv: kv[1]))
+        print(f"{key:{width}}  {entry['choice']:12}  {times}")
+    counts: dict[str, dict[str, int]] = {}
+    for key, entry in table.items():
+        kind = counts.setdefault(key.split("|")[0], {})
+        kind[entry["choice"]] = kind.get(entry["choice"], 0) + 1
+    print("chosen: " + "; ".join(f"{kind}: " + ", ".join(f"{name} {n}" for name, n in sorted(names.items()))
+                                 for kind, names in sorted(counts.items())))
+
+
 def _as_dict(output) -> dict:
     return output if isinstance(output, dict) else {"output": output}
 
@@ -223,6 +261,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback on errors (default: off)")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser(
+        "kernels", help="the kernels this machine measured fastest, per layer shape",
+        description="List the implementation chosen for every layer shape measured on this machine (native "
+        "kernels, oneDNN, Winograd as batched products, ATen), with each candidate's time. Choices are "
+        "measured at the first call of each shape and kept in the private kernel cache.",
+    )
+    p.add_argument("--measure", action="store_true",
+                   help="first run a model once, so its layers are measured (default: list what is recorded)")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="with --measure: the model, as for `flexunet summary` (default: the default UNet)")
+    p.add_argument("--input-shape", nargs=3, type=int, metavar=("H", "W", "C"), default=None,
+                   help="with --measure: input height, width and channels (default: 192 192 and the model's)")
+    p.add_argument("--batch", type=int, default=1, help="with --measure: images per call (default: 1)")
+    p.add_argument("--bf16", action="store_true", help="with --measure: under bfloat16 autocast (default: float32)")
+    p.add_argument("--clear", action="store_true", help="forget every recorded choice (default: keep them)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback on errors (default: off)")
+    p.set_defaults(func=_kernels)
     return parser
 
 

@@ -68,12 +68,13 @@ def test_debug_shows_the_traceback(tmp_path):
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["summary"], ["convert"]])
+@pytest.mark.parametrize("command", [[], ["summary"], ["convert"], ["kernels"]])
 def test_help_documents_every_option_with_defaults(command):
     result = run(*command, "--help")
     assert result.returncode == 0
     for option in {"": ["--debug"], "summary": ["--config", "--input-shape", "default"],
-                   "convert": ["MODEL_DIR", "OUT"]}[command[0] if command else ""]:
+                   "convert": ["MODEL_DIR", "OUT"], "kernels": ["--measure", "--clear", "--bf16", "default"]
+                   }[command[0] if command else ""]:
         assert option in result.stdout
 
 
@@ -123,3 +124,26 @@ def test_convert_sleap_nn_folder_to_native_and_onnx(reference, tmp_path, name):
         assert result.returncode == 0, result.stderr
         difference = float(result.stdout.split("largest difference ")[1].split()[0])
         assert difference <= 1e-4
+
+
+def test_kernels_measures_a_model_and_lists_every_choice(private_dir, monkeypatch, capsys):
+    from flexunet.kernels import choice, native
+
+    monkeypatch.setenv("FLEXUNET_CACHE_DIR", str(private_dir))
+    monkeypatch.delenv("FLEXUNET_NATIVE", raising=False)  # measured, not forced
+    choice.CHOICES._table = None
+    try:
+        assert main(["kernels"]) == 0
+        assert "nothing measured yet" in capsys.readouterr().out
+        config = private_dir / "unet.json"
+        config.write_text('{"filters": 8, "down_blocks": 2, "up_blocks": 2}')
+        assert main(["kernels", "--measure", "--config", str(config), "--input-shape", "32", "32", "1"]) == 0
+        out = capsys.readouterr().out
+        if native.mode() == "measure":
+            assert "conv3x3|float32|1x8x32x32|skip0|none|8|relu" in out and "choices file: " + str(private_dir) in out
+            assert "chosen: " in out and "conv3x3: " in out
+        assert main(["kernels", "--measure", "--batch", "0"]) == 2
+        assert "--batch must be at least 1, got 0" in capsys.readouterr().err
+        assert main(["kernels", "--clear"]) == 0 and choice.choices() == {}
+    finally:
+        choice.CHOICES._table = None

@@ -6,6 +6,7 @@ than the PyTorch paths, and not the default there, but they must be exact everyw
 
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -427,3 +428,103 @@ def test_weight_gradients_are_the_same_on_every_run():
     first = native.winograd_weight_grad(x, grad)
     for _ in range(3):
         assert torch.equal(native.winograd_weight_grad(x, grad), first)
+
+
+AARCH64_GCC, QEMU_AARCH64, AARCH64_ROOT = "aarch64-linux-gnu-gcc", "qemu-aarch64", "/usr/aarch64-linux-gnu"
+
+
+def _record_calls(monkeypatch) -> list:
+    """Every entry point call from here on, as (name, [(kind, value or bytes)], expected outputs): inputs
+    copied before the call, outputs after (this machine's results); tensors from their data pointer on."""
+    import re
+
+    outputs = {}  # entry point -> which parameters it writes (the non-const pointers of the contract)
+    for name, params in re.findall(r"^int\s+flexunet_(\w+)\s*\(([^)]*)\)\s*;", native.CONTRACT.read_text(), re.M):
+        outputs[name] = [("*" in p and "const" not in p) for p in params.split(",")]
+    calls, call = [], native._call
+
+    def span(t: torch.Tensor) -> bytes:
+        storage = t.untyped_storage()
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+        return raw[t.data_ptr() - storage.data_ptr():].numpy().tobytes()
+
+    def recording(name, *args):
+        written = outputs[name]
+        for i, a in enumerate(args):
+            if written[i]:
+                a.zero_()  # what the kernel leaves alone (padding) then reads the same on both sides
+        record = [(3, 0) if a is None else (0, int(a)) if not isinstance(a, torch.Tensor) else
+                  (2, len(span(a))) if written[i] else (1, span(a)) for i, a in enumerate(args)]
+        status = call(name, *args)
+        calls.append((name, record, status, [span(a) for i, a in enumerate(args) if written[i]]))
+        return status
+
+    monkeypatch.setattr(native, "_call", recording)
+    return calls
+
+
+def test_the_kernels_compute_the_same_built_for_aarch64(tmp_path, monkeypatch):
+    """The NEON build (cross-compiled, run under qemu-user) returns what this machine's 16-channel-panel
+    build returns, call for call, on every kernel family: the ARM path compiles and is exact."""
+    import shutil
+    import struct
+    import subprocess
+
+    import numpy as np
+
+    if shutil.which(AARCH64_GCC) is None or shutil.which(QEMU_AARCH64) is None:
+        pytest.skip(f"needs {AARCH64_GCC} and {QEMU_AARCH64} (Debian: gcc-aarch64-linux-gnu, qemu-user)")
+    if native.panel() != 16:
+        pytest.skip("records calls from a build with 16-channel panels: on AVX-512 CPUs this test runs in the "
+                    "x86-64-v3 build's run (test_the_kernels_are_exact_built_for_avx2)")
+    if native.march() != "native" and not native._has_avx512():
+        pytest.skip("this CPU's own build has 16-channel panels and ran this test already")
+    replay = tmp_path / "native_replay"
+    sources = [str(p) for p in native.sources() if p.suffix == ".c"] + [str(Path(__file__).with_name("native_replay.c"))]
+    build = subprocess.run([AARCH64_GCC, "-O2", "-march=armv8-a", "-std=c11", "-fopenmp", "-ffp-contract=fast",
+                            "-I", str(native.CSRC), *sources, "-o", str(replay), "-lm"],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+
+    calls = _record_calls(monkeypatch)
+    torch.manual_seed(7)
+    for cin, cout, h, w, cs, up in [(24, 36, 17, 13, 0, None), (16, 16, 8, 8, 0, None), (16, 24, 6, 5, 8, "bilinear"),
+                                    (20, 12, 7, 9, 12, "nearest"), (70, 40, 4, 6, 0, None)]:
+        x, weight, bias = torch.randn(2, cin, h, w), torch.randn(cout, cs + cin, 3, 3), torch.randn(cout)
+        factor = 2 if up else 1
+        skip = torch.randn(2, cs, h * factor, w * factor) if cs else None
+        native.winograd_conv3x3(x, native.transform_kernel(weight), bias, cout, True, skip, up)
+        native.winograd_weight_grad(x, torch.randn(2, cout, h * factor, w * factor), skip, up)
+    for mode in ("bilinear", "nearest"):
+        native.upsample2x_adjoint(torch.randn(2, 29, 10, 14), 11, mode)
+    native.max_pool2x2(torch.randn(3, 21, 9, 7))
+    for cin in (1, 3):
+        weight = torch.randn(20, cin, 3, 3)
+        native.direct_conv3x3(torch.randn(2, cin, 11, 9), native.pack_direct(weight), torch.randn(20), 20, True)
+    native.transposed_conv_k3s2(torch.randn(2, 32, 5, 6), native.pack_transposed(torch.randn(32, 16, 3, 3)),
+                                torch.randn(16))
+    assert {name for name, *_ in calls} == {"winograd_f43", "winograd_f43_weight_grad", "upsample2x_adjoint",
+                                            "max_pool2x2", "direct3x3", "transposed_k3s2"}
+
+    with open(tmp_path / "calls", "wb") as f:
+        for name, record, *_ in calls:
+            f.write(b"FXRC" + name.encode().ljust(32, b"\0") + struct.pack("<i", len(record)))
+            for kind, value in record:
+                f.write(struct.pack("<iq", kind, len(value) if kind == 1 else value))
+                if kind == 1:
+                    f.write(value)
+    run = subprocess.run([QEMU_AARCH64, "-L", AARCH64_ROOT, str(replay), str(tmp_path / "calls"), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got, at = (tmp_path / "out").read_bytes(), 0
+    for name, record, status, expected in calls:
+        (arm_status,) = struct.unpack_from("<i", got, at)
+        at += 4
+        assert arm_status == status == 0, name
+        for want in expected:
+            theirs = np.frombuffer(got[at:at + len(want)], dtype=np.float32)
+            ours = np.frombuffer(want, dtype=np.float32)
+            at += len(want)
+            scale = max(float(np.abs(ours).max()), 1.0)
+            assert float(np.abs(theirs - ours).max()) <= 1e-5 * scale, name
+    assert at == len(got)

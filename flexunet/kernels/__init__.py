@@ -10,8 +10,9 @@ this package for a fast result in one call:
 They call the registered operators of `flexunet.kernels.ops`
 (`torch.ops.flexunet.conv3x3`, `torch.ops.flexunet.conv_transpose_same`, ...),
 so eager mode, autograd and `torch.compile` all run the same operator. Inside,
-each convolution picks its implementation, native kernels or PyTorch's own
-(oneDNN, Winograd as batched products), by measurement: every layer shape, dtype
+each convolution (and pooling, and the upsampling's adjoint) picks its
+implementation, native kernels or PyTorch's own (oneDNN, with or without its
+fused ReLU; Winograd as batched products; ATen), by measurement: every layer shape, dtype
 and mode (inference, training) is timed once on this machine and the fastest
 remembered (`flexunet.kernels.choice`; `FLEXUNET_NATIVE=1` forces the native
 kernels, `=0` PyTorch's). These functions return None where the plain PyTorch

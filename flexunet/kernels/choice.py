@@ -80,15 +80,20 @@ class Choices:
         entry = self._load().get(key)
         return None if entry is None else entry["choice"]
 
+    def known(self, key: str, candidates) -> bool:
+        """Whether `key` was measured with exactly these candidates (names)."""
+        entry = self._load().get(key)
+        return entry is not None and entry["choice"] in candidates and set(entry.get("ms", ())) == set(candidates)
+
     def table(self) -> dict[str, dict]:
         """Every recorded choice: `{key: {"choice": name, "ms": {name: milliseconds}}}`."""
         return {k: dict(v) for k, v in self._load().items()}
 
     def run(self, key: str, candidates: dict[str, Callable[[], torch.Tensor]]) -> torch.Tensor:
-        """The result of the fastest of `candidates` for `key`: the recorded one, or measured now."""
-        choice = self.get(key)
-        if choice in candidates:
-            return candidates[choice]()
+        """The result of the fastest of `candidates` for `key`: the recorded one, or measured now (also when
+        the recorded measurement timed other candidates: a new version may bring new ones)."""
+        if self.known(key, candidates):
+            return candidates[self.get(key)]()
         if len(candidates) == 1:
             return next(iter(candidates.values()))()
         results, times = {}, {name: [] for name in candidates}
@@ -143,8 +148,9 @@ CHOICES = Choices()
 
 def choices() -> dict[str, dict]:
     """What this machine measured: `{layer key: {"choice": name, "ms": {name: milliseconds}}}`, names among
-    "native", "onednn", "winograd", "native fp32" (convolutions), "gemm" (transposed) and "torch" (weight
-    gradients, pooling)."""
+    "native", "onednn", "onednn relu" (its ReLU fused), "winograd" (convolutions), "gemm" (transposed),
+    "native fp32" / "gemm fp32" (bfloat16 layers computed in float32) and "torch" (weight gradients,
+    pooling, the upsampling's adjoint)."""
     return CHOICES.table()
 
 

@@ -340,6 +340,13 @@ def _padded_bias(bias: Optional[torch.Tensor], channels: int) -> torch.Tensor:
     return out
 
 
+def _call(name: str, *args) -> int:
+    """Entry point `flexunet_<name>` called with `args`: tensors (passed as their data pointers, read
+    and written in place), None (NULL) and ints; returns its status."""
+    return getattr(library(), f"flexunet_{name}")(
+        *(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args))
+
+
 def _status(name: str, status: int, shape: tuple, cout: int, dtype: torch.dtype) -> None:
     if status == 2:
         raise MemoryError(f"flexunet's {name} kernel could not allocate its work buffers.")
@@ -379,10 +386,8 @@ def winograd_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch
     out = torch.empty((n, out_channels, h * factor, w * factor), dtype=dtype, memory_format=torch.channels_last)
     b = _padded_bias(bias, out_channels)
     name = "winograd_f43" if dtype == torch.float32 else "winograd_f43_bf16"
-    fn = getattr(library(), f"flexunet_{name}")
-    status = fn(x.data_ptr(), cx, None if skip is None else skip.data_ptr(), cs, UPSAMPLING[upsample], n,
-                h * factor, w * factor, packed.data_ptr(), b.data_ptr(), out.data_ptr(), out_channels, int(relu),
-                torch.get_num_threads())
+    status = _call(name, x, cx, skip, cs, UPSAMPLING[upsample], n, h * factor, w * factor, packed, b, out,
+                   out_channels, int(relu), torch.get_num_threads())
     _status(name, status, tuple(x.shape), out_channels, dtype)
     return out
 
@@ -405,9 +410,8 @@ def winograd_weight_grad(x: torch.Tensor, grad: torch.Tensor, skip: Optional[tor
     threads, cin = torch.get_num_threads(), cs + cx
     mr = register_block()
     partial = torch.empty(threads, 36, -(-cin // mr) * mr, round16(cout))
-    status = library().flexunet_winograd_f43_weight_grad(
-        x.data_ptr(), cx, None if skip is None else skip.data_ptr(), cs, UPSAMPLING[upsample], grad.data_ptr(),
-        n, h, w, cout, partial.data_ptr(), threads)
+    status = _call("winograd_f43_weight_grad", x, cx, skip, cs, UPSAMPLING[upsample], grad, n, h, w, cout, partial,
+                   threads)
     _status("winograd_f43_weight_grad", status, tuple(x.shape), cout, torch.float32)
     du = partial.sum(0)[:, :cin, :cout]  # (36, Cin, Cout)
     _, gg, _ = fastconv.winograd_matrices(4, torch.float32)
@@ -420,9 +424,9 @@ def upsample2x_adjoint(grad: torch.Tensor, start: int, mode: str) -> torch.Tenso
     grad = grad.float().contiguous(memory_format=torch.channels_last)
     n, channels, hh, ww = grad.shape
     out = torch.empty((n, channels - start, hh // 2, ww // 2), memory_format=torch.channels_last)
-    base = grad.data_ptr() + 4 * start  # channel `start` of the first pixel; pixels are `channels` apart
-    status = library().flexunet_upsample2x_adjoint(base, n, hh, ww, channels, channels - start, out.data_ptr(),
-                                                   int(mode == "bilinear"), torch.get_num_threads())
+    # From channel `start` of the first pixel; pixels are `channels` apart.
+    status = _call("upsample2x_adjoint", grad[:, start:], n, hh, ww, channels, channels - start, out,
+                   int(mode == "bilinear"), torch.get_num_threads())
     _status("upsample2x_adjoint", status, tuple(grad.shape), channels - start, torch.float32)
     return out
 
@@ -433,8 +437,7 @@ def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
     out = torch.empty((n, c, -(-h // 2), -(-w // 2)), dtype=x.dtype, memory_format=torch.channels_last)
-    status = library().flexunet_max_pool2x2(x.data_ptr(), n, h, w, c, out.data_ptr(), int(x.dtype == torch.bfloat16),
-                                            torch.get_num_threads())
+    status = _call("max_pool2x2", x, n, h, w, c, out, int(x.dtype == torch.bfloat16), torch.get_num_threads())
     _status("max_pool2x2", status, tuple(x.shape), c, x.dtype)
     return out
 
@@ -459,9 +462,8 @@ def direct_conv3x3(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.T
     xp = F.pad(x.float().permute(0, 2, 3, 1), (0, 0, 1, 1 + register_block(), 1, 1)).contiguous()
     out = torch.empty((n, out_channels, h, w), dtype=dtype, memory_format=torch.channels_last)
     b = _padded_bias(bias, out_channels)
-    status = library().flexunet_direct3x3(xp.data_ptr(), n, h, w, cin, packed.data_ptr(), b.data_ptr(),
-                                          out.data_ptr(), out_channels, int(relu), int(dtype == torch.bfloat16),
-                                          torch.get_num_threads())
+    status = _call("direct3x3", xp, n, h, w, cin, packed, b, out, out_channels, int(relu),
+                   int(dtype == torch.bfloat16), torch.get_num_threads())
     _status("direct3x3", status, tuple(x.shape), out_channels, dtype)
     return out
 
@@ -492,9 +494,8 @@ def transposed_conv_k3s2(x: torch.Tensor, packed: torch.Tensor, bias: Optional[t
     cout = packed.shape[1] // cin
     out = torch.empty((n, cout, 2 * h, 2 * w), dtype=packed.dtype, memory_format=torch.channels_last)
     bf16 = packed.dtype == torch.bfloat16
-    fn = library().flexunet_transposed_k3s2_bf16 if bf16 else library().flexunet_transposed_k3s2
     b = None if bias is None else bias.detach().float().contiguous()
-    status = fn(xp.data_ptr(), n, h, w, cin, packed.data_ptr(), None if b is None else b.data_ptr(), out.data_ptr(),
-                cout, torch.get_num_threads())
+    status = _call("transposed_k3s2_bf16" if bf16 else "transposed_k3s2", xp, n, h, w, cin, packed, b, out, cout,
+                   torch.get_num_threads())
     _status("transposed_k3s2", status, tuple(x.shape), cout, packed.dtype)
     return out

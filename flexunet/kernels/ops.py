@@ -30,6 +30,7 @@ cached per weight tensor and refreshed whenever it changes (`WeightCache`).
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Callable, Optional
 
@@ -152,7 +153,6 @@ def _conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
     native_ok = native.supports_dtype(dtype)
     if native.mode() == "measure":  # the fastest, timed once per shape (inference and training apart)
         key = choice.conv3x3_key(x, cout, dtype, relu, skip, upsample, cache)
-        measured = choice.CHOICES.get(key) is None
         args = (x, weight, bias, dtype, cache, relu, skip, upsample)
         candidates = {"onednn": lambda: _onednn_conv3x3(*args)}
         kinds = {"native": [("winograd", dtype), ("direct",)], "onednn": [("onednn", dtype)],
@@ -168,9 +168,12 @@ def _conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
             # may compute in float32 on the native kernels, its result rounded to bfloat16 (more exact).
             candidates["native fp32"] = lambda: _in_float32(_native_conv3x3, *args)
             kinds["native fp32"] = [("winograd", torch.float32), ("direct",)]
+            if bfloat16_emulated():  # not worth a warm-up run each (seconds on wide layers)
+                candidates.pop("onednn"), candidates.pop("winograd", None)
+        measured = not choice.CHOICES.known(key, candidates)
         y = choice.CHOICES.run(key, candidates)
-        if measured and cache:  # keep only the winner's transformed weights
-            winner = choice.CHOICES.get(key)
+        winner = choice.CHOICES.get(key) if measured and cache and len(candidates) > 1 else None
+        if winner is not None:  # keep only the winner's transformed weights
             keep = set(kinds.get(winner, []))
             CACHE.discard(weight, *(kind for held in kinds.values() for kind in held if kind not in keep))
         return y
@@ -237,6 +240,14 @@ def fused_relu_available(dtype: torch.dtype) -> bool:
 
 
 _FUSED_RELU: dict[torch.dtype, bool] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def bfloat16_emulated() -> bool:
+    """Whether oneDNN has no bfloat16 kernels for this CPU (none of AVX-512 BW/VL/DQ, AVX512-BF16, AMX,
+    AVX-NE-CONVERT): it emulates bfloat16, about 10x slower than float32, so bfloat16 layers are not timed
+    on it where float32 candidates exist."""
+    return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _winograd_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
@@ -402,14 +413,25 @@ def _conv_transpose_same(x, weight, bias, stride, crop, dtype):
         key = choice.transposed_key(x, cout, dtype, bias is not None, k, stride, crop)
         candidates = {"gemm": lambda: _torch_conv_transpose(x, weight, bias, stride, crop, dtype),
                       "onednn": lambda: _onednn_conv_transpose(x, weight, bias, stride, crop, dtype)}
+        kinds = {"gemm": [("cast", dtype)], "onednn": [("cast", dtype)], "native": [("transposed", dtype)],
+                 "native fp32": [("transposed", torch.float32)], "gemm fp32": []}
         if native_ok:
             candidates["native"] = lambda: _native_conv_transpose(x, weight, bias, dtype)
-        measured = choice.CHOICES.get(key) is None
+        if dtype == torch.bfloat16:
+            # Where bfloat16 is emulated (no AVX512-BF16 or AMX) it runs ~10x slower than float32: float32
+            # candidates, their results rounded to bfloat16 (more exact), measured against it.
+            candidates["gemm fp32"] = lambda: _torch_conv_transpose(x, weight, bias, stride, crop,
+                                                                    torch.float32).to(dtype)
+            if keras_k3s2 and not native_ok and native.supports_transposed(torch.float32, cin, cout, k, stride):
+                candidates["native fp32"] = lambda: _native_conv_transpose(x.float(), weight, bias,
+                                                                           torch.float32).to(dtype)
+            if bfloat16_emulated():
+                candidates.pop("gemm"), candidates.pop("onednn")
+        measured = not choice.CHOICES.known(key, candidates)
         y = choice.CHOICES.run(key, candidates)
-        if measured and choice.CHOICES.get(key) == "native":
-            CACHE.discard(weight, ("cast", dtype))
-        elif measured:
-            CACHE.discard(weight, ("transposed", dtype))
+        if measured and len(candidates) > 1:  # keep only the winner's packed or cast weights
+            keep = set(kinds[choice.CHOICES.get(key)])
+            CACHE.discard(weight, *(kind for held in kinds.values() for kind in held if kind not in keep))
         return y
     if not native_ok or native.mode() == "torch":
         return _torch_conv_transpose(x, weight, bias, stride, crop, dtype)
