@@ -10,26 +10,6 @@ static inline vec max_keep_nan(vec m, vec v) {
     return (vec)(((maskv)v & take) | ((maskv)m & ~take));
 }
 
-/* `n` (1..VL) elements at p as float32; bfloat16 only on AVX512-BF16 builds, where vec is v16. */
-static inline vec load_px(const char *p, int n, int bf16) {
-#if HAS_BF16
-    if (bf16) return load_bf16_n(p, n);
-#endif
-    (void)bf16;
-    return loadv_n(p, n);
-}
-
-static inline void store_px(char *p, vec v, int n, int bf16) {
-#if HAS_BF16
-    if (bf16) {
-        store_bf16_n((uint16_t *)p, v, n);
-        return;
-    }
-#endif
-    (void)bf16;
-    putv_n(p, v, n);
-}
-
 int flexunet_max_pool2x2(const void *input, int n, int h, int w, int c, void *output, int bf16, int threads) {
     if (n <= 0 || h <= 0 || w <= 0 || c <= 0) return 1;
     if (bf16 && !HAS_BF16) return 3;
@@ -49,13 +29,13 @@ int flexunet_max_pool2x2(const void *input, int n, int h, int w, int c, void *ou
             for (int cc = 0; cc < c; cc += VL) {
                 const int k = c - cc < VL ? c - cc : VL;
                 const size_t at = size * cc;
-                vec m = load_px(p + at, k, bf16);
-                if (cols == 2) m = max_keep_nan(m, load_px(p + pixel + at, k, bf16));
+                vec m = loadv_elem_n(p + at, k, bf16);
+                if (cols == 2) m = max_keep_nan(m, loadv_elem_n(p + pixel + at, k, bf16));
                 if (rows == 2) {
-                    m = max_keep_nan(m, load_px(p + row + at, k, bf16));
-                    if (cols == 2) m = max_keep_nan(m, load_px(p + row + pixel + at, k, bf16));
+                    m = max_keep_nan(m, loadv_elem_n(p + row + at, k, bf16));
+                    if (cols == 2) m = max_keep_nan(m, loadv_elem_n(p + row + pixel + at, k, bf16));
                 }
-                store_px(dst + (size_t)j * pixel + at, m, k, bf16);
+                putv_elem_n(dst + (size_t)j * pixel + at, m, k, bf16);
             }
         }
     }

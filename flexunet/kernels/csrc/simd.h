@@ -145,6 +145,25 @@ static inline void store_elem_n(char *p, v16 v, int n, int bf16) {
     store_f32_n((float *)p, v, n);
 }
 
+/* The same in the machine's own vector (bfloat16 builds have VL = 16, where vec is v16). */
+static inline vec loadv_elem_n(const char *p, int n, int bf16) {
+#if HAS_BF16
+    return load_elem_n(p, n, bf16);
+#else
+    (void)bf16;
+    return loadv_n(p, n);
+#endif
+}
+
+static inline void putv_elem_n(char *p, vec v, int n, int bf16) {
+#if HAS_BF16
+    store_elem_n(p, v, n, bf16);
+#else
+    (void)bf16;
+    putv_n(p, v, n);
+#endif
+}
+
 /* Bias, then ReLU if asked; NaN is kept, as torch.relu does. */
 static inline v16 finish(v16 value, v16 bias, int relu) {
     value += bias;
