@@ -28,13 +28,13 @@ def native_kernels_on(monkeypatch):
 
 def test_unset_the_kernels_are_measured_and_the_switch_forces_them(monkeypatch):
     monkeypatch.delenv("FLEXUNET_NATIVE")
-    assert native.mode() == "measure" and not native.preferred()
+    assert native.mode() == "measure"
     monkeypatch.setenv("FLEXUNET_NATIVE", "1")
-    assert native.mode() == "native" and native.preferred()
+    assert native.mode() == "native"
     monkeypatch.setenv("FLEXUNET_NATIVE", "0")
     native.library.cache_clear()
     try:
-        assert native.mode() == "torch" and not native.preferred()
+        assert native.mode() == "torch"
     finally:
         native.library.cache_clear()
 
@@ -436,17 +436,14 @@ AARCH64_GCC, QEMU_AARCH64, AARCH64_ROOT = "aarch64-linux-gnu-gcc", "qemu-aarch64
 def _record_calls(monkeypatch) -> list:
     """Every entry point call from here on, as (name, [(kind, value or bytes)], expected outputs): inputs
     copied before the call, outputs after (this machine's results); tensors from their data pointer on."""
-    import re
-
     outputs = {}  # entry point -> which parameters it writes (the non-const pointers of the contract)
-    for name, params in re.findall(r"^int\s+flexunet_(\w+)\s*\(([^)]*)\)\s*;", native.CONTRACT.read_text(), re.M):
+    for name, params in native._PROTOTYPE.findall(native.CONTRACT.read_text()):
         outputs[name] = [("*" in p and "const" not in p) for p in params.split(",")]
     calls, call = [], native._call
 
-    def span(t: torch.Tensor) -> bytes:
+    def span(t: torch.Tensor) -> torch.Tensor:  # the bytes from the tensor's data pointer on, as a view
         storage = t.untyped_storage()
-        raw = torch.empty(0, dtype=torch.uint8).set_(storage)
-        return raw[t.data_ptr() - storage.data_ptr():].numpy().tobytes()
+        return torch.empty(0, dtype=torch.uint8).set_(storage)[t.data_ptr() - storage.data_ptr():]
 
     def recording(name, *args):
         written = outputs[name]
@@ -454,9 +451,9 @@ def _record_calls(monkeypatch) -> list:
             if written[i]:
                 a.zero_()  # what the kernel leaves alone (padding) then reads the same on both sides
         record = [(3, 0) if a is None else (0, int(a)) if not isinstance(a, torch.Tensor) else
-                  (2, len(span(a))) if written[i] else (1, span(a)) for i, a in enumerate(args)]
+                  (2, span(a).numel()) if written[i] else (1, span(a).numpy().tobytes()) for i, a in enumerate(args)]
         status = call(name, *args)
-        calls.append((name, record, status, [span(a) for i, a in enumerate(args) if written[i]]))
+        calls.append((name, record, status, [span(a).numpy().tobytes() for i, a in enumerate(args) if written[i]]))
         return status
 
     monkeypatch.setattr(native, "_call", recording)
@@ -481,8 +478,9 @@ def test_the_kernels_compute_the_same_built_for_aarch64(tmp_path, monkeypatch):
         pytest.skip("this CPU's own build has 16-channel panels and ran this test already")
     replay = tmp_path / "native_replay"
     sources = [str(p) for p in native.sources() if p.suffix == ".c"] + [str(Path(__file__).with_name("native_replay.c"))]
-    build = subprocess.run([AARCH64_GCC, "-O2", "-march=armv8-a", "-std=c11", "-fopenmp", "-ffp-contract=fast",
-                            "-I", str(native.CSRC), *sources, "-o", str(replay), "-lm"],
+    flags = [f for f in native.FLAGS if f != "-shared"]  # the library's own flags, as an executable
+    build = subprocess.run([AARCH64_GCC, *flags, "-march=armv8-a", "-I", str(native.CSRC), *sources,
+                            "-o", str(replay), "-lm"],
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
 

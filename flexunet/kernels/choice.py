@@ -159,34 +159,38 @@ def clear() -> None:
     CHOICES.clear()
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def conv3x3_key(x: torch.Tensor, cout: int, dtype: torch.dtype, relu: bool, skip: Optional[torch.Tensor],
                 upsample: str, cached: bool = True) -> str:
     """Inference (`cached`: transformed weights kept) and training calls are timed apart."""
     n, cx, h, w = x.shape
     cs = 0 if skip is None else skip.shape[1]
-    return (f"conv3x3|{str(dtype).replace('torch.', '')}|{n}x{cx}x{h}x{w}|skip{cs}|{upsample}|{cout}"
+    return (f"conv3x3|{_name(dtype)}|{n}x{cx}x{h}x{w}|skip{cs}|{upsample}|{cout}"
             f"|{'relu' if relu else 'linear'}{'' if cached else '|train'}")
 
 
 def weight_grad_key(x: torch.Tensor, grad: torch.Tensor, skip: Optional[torch.Tensor], upsample: str) -> str:
     n, cx, h, w = x.shape
     cs = 0 if skip is None else skip.shape[1]
-    dtypes = "/".join(str(t.dtype).replace("torch.", "") for t in (x, grad))
+    dtypes = "/".join(_name(t.dtype) for t in (x, grad))
     return f"conv3x3_weight_grad|{dtypes}|{n}x{cx}x{h}x{w}|skip{cs}|{upsample}|{grad.shape[1]}"
 
 
 def transposed_key(x: torch.Tensor, cout: int, dtype: torch.dtype, bias: bool, kernel: int, stride: int,
                    crop: int) -> str:
     n, cin, h, w = x.shape
-    return (f"transposed|{str(dtype).replace('torch.', '')}|{n}x{cin}x{h}x{w}|{cout}|k{kernel}s{stride}c{crop}"
+    return (f"transposed|{_name(dtype)}|{n}x{cin}x{h}x{w}|{cout}|k{kernel}s{stride}c{crop}"
             f"|{'bias' if bias else 'nobias'}")
 
 
 def pool_key(x: torch.Tensor) -> str:
     n, c, h, w = x.shape
-    return f"max_pool2x2|{str(x.dtype).replace('torch.', '')}|{n}x{c}x{h}x{w}"
+    return f"max_pool2x2|{_name(x.dtype)}|{n}x{c}x{h}x{w}"
 
 
 def upsample_adjoint_key(grad: torch.Tensor, start: int, mode: str) -> str:
     n, c, h, w = grad.shape
-    return f"upsample2x_adjoint|{str(grad.dtype).replace('torch.', '')}|{n}x{c}x{h}x{w}|from{start}|{mode}"
+    return f"upsample2x_adjoint|{_name(grad.dtype)}|{n}x{c}x{h}x{w}|from{start}|{mode}"

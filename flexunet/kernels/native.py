@@ -255,15 +255,6 @@ def mode() -> str:
     return "native" if forced else "measure"
 
 
-@torch.compiler.assume_constant_result  # decided once per trace, outside the graph
-def preferred() -> bool:
-    """Whether the native kernels run where nothing is measured: `FLEXUNET_NATIVE=1` (and the kernels
-    are built). Unset, every kernel with a native and a PyTorch implementation is chosen by measurement
-    (`mode()`); `FLEXUNET_NATIVE=0` runs PyTorch's."""
-    allocator.keep_freed_memory()
-    return bool(_forced()) and available()
-
-
 def supports_dtype(dtype: torch.dtype) -> bool:
     """Whether the kernels compute in this dtype here (float32; bfloat16 with AVX512-BF16)."""
     return dtype == torch.float32 or (dtype == torch.bfloat16 and has_bfloat16())

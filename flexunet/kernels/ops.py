@@ -170,18 +170,23 @@ def _conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample):
             kinds["native fp32"] = [("winograd", torch.float32), ("direct",)]
             if bfloat16_emulated():  # not worth a warm-up run each (seconds on wide layers)
                 candidates.pop("onednn"), candidates.pop("winograd", None)
-        measured = not choice.CHOICES.known(key, candidates)
-        y = choice.CHOICES.run(key, candidates)
-        winner = choice.CHOICES.get(key) if measured and cache and len(candidates) > 1 else None
-        if winner is not None:  # keep only the winner's transformed weights
-            keep = set(kinds.get(winner, []))
-            CACHE.discard(weight, *(kind for held in kinds.values() for kind in held if kind not in keep))
-        return y
+        return _fastest(key, candidates, weight, kinds, cache)
     narrow_bf16 = (dtype == torch.bfloat16 and max(cin, cout) <= NARROW_BF16_CHANNELS and not joined
                    and cin > native.DIRECT_MAX_CHANNELS)
-    if native_ok and native.preferred() and not narrow_bf16:
+    if native_ok and native.mode() == "native" and not narrow_bf16:
         return _native_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample)
     return _torch_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample)
+
+
+def _fastest(key: str, candidates: dict, weight: torch.Tensor, kinds: dict, cache: bool) -> torch.Tensor:
+    """`choice.CHOICES.run(key, candidates)`; when it measured (and `cache`), only the winner's derived
+    weights are kept: `kinds` names the `CACHE` entries of each candidate."""
+    measured = len(candidates) > 1 and not choice.CHOICES.known(key, candidates)
+    y = choice.CHOICES.run(key, candidates)
+    if measured and cache:
+        keep = set(kinds.get(choice.CHOICES.get(key), []))
+        CACHE.discard(weight, *(kind for held in kinds.values() for kind in held if kind not in keep))
+    return y
 
 
 def _in_float32(conv, x, weight, bias, dtype, cache, relu, skip, upsample):
@@ -224,22 +229,18 @@ def _onednn_conv3x3(x, weight, bias, dtype, cache, relu, skip, upsample, fused=F
     return y.contiguous(memory_format=CHANNELS_LAST)
 
 
+@functools.lru_cache(maxsize=None)
 def fused_relu_available(dtype: torch.dtype) -> bool:
     """Whether oneDNN's convolution with a fused ReLU runs here in `dtype` (tried once on a tiny input)."""
-    if dtype not in _FUSED_RELU:
-        ok = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-        if ok:
-            x = torch.ones(1, 2, 3, 3, dtype=dtype).contiguous(memory_format=CHANNELS_LAST)
-            w = torch.ones(2, 2, 3, 3, dtype=dtype).contiguous(memory_format=CHANNELS_LAST)
-            try:
-                torch.ops.mkldnn._convolution_pointwise(x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", [None], "")
-            except RuntimeError:  # e.g. bfloat16 on CPUs without AVX-512 BW/VL/DQ or AVX-NE-CONVERT
-                ok = False
-        _FUSED_RELU[dtype] = ok
-    return _FUSED_RELU[dtype]
-
-
-_FUSED_RELU: dict[torch.dtype, bool] = {}
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return False
+    x = torch.ones(1, 2, 3, 3, dtype=dtype).contiguous(memory_format=CHANNELS_LAST)
+    w = torch.ones(2, 2, 3, 3, dtype=dtype).contiguous(memory_format=CHANNELS_LAST)
+    try:
+        torch.ops.mkldnn._convolution_pointwise(x, w, None, [1, 1], [1, 1], [1, 1], 1, "relu", [None], "")
+    except RuntimeError:  # e.g. bfloat16 on CPUs without AVX-512 BW/VL/DQ or AVX-NE-CONVERT
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -305,7 +306,7 @@ def upsample2x_backward(grad: torch.Tensor, start: int, mode: str) -> torch.Tens
         return choice.CHOICES.run(choice.upsample_adjoint_key(grad, start, mode), {
             "native": lambda: native.upsample2x_adjoint(grad, start, mode),
             "torch": lambda: _torch_upsample2x_backward(grad, start, mode)})
-    if grad.dtype == torch.float32 and native.preferred():
+    if grad.dtype == torch.float32 and native.mode() == "native":
         return native.upsample2x_adjoint(grad, start, mode)
     return _torch_upsample2x_backward(grad, start, mode)
 
@@ -339,7 +340,7 @@ def conv3x3_weight_grad(x: torch.Tensor, grad: torch.Tensor, skip: Optional[torc
             return choice.CHOICES.run(choice.weight_grad_key(x, grad, skip, upsample), {
                 "native": lambda: _native_weight_grad(x, grad, skip, upsample).to(x.dtype),
                 "torch": lambda: _torch_weight_grad(x, grad, skip, upsample)})
-        if (x.dtype == torch.float32 and native.preferred() and tiles >= NATIVE_WEIGHT_GRAD_MIN_TILES
+        if (x.dtype == torch.float32 and native.mode() == "native" and tiles >= NATIVE_WEIGHT_GRAD_MIN_TILES
                 and min(cin, cout) > NATIVE_WEIGHT_GRAD_MAX_NARROW):
             return _native_weight_grad(x, grad, skip, upsample)
         return _torch_weight_grad(x, grad, skip, upsample)
@@ -376,9 +377,10 @@ conv3x3.register_autograd(_conv3x3_backward, setup_context=_conv3x3_setup)
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     """2x2 max pooling with stride 2 and TensorFlow's 'same' padding (windows clipped at the
     bottom/right): (N, C, ceil(H / 2), ceil(W / 2)), NaN propagated."""
-    if not native.supports_dtype(x.dtype) or native.mode() == "torch":
+    mode = native.mode()
+    if not native.supports_dtype(x.dtype) or mode == "torch":
         return _torch_max_pool2x2(x)
-    if native.mode() == "native":
+    if mode == "native":
         return native.max_pool2x2(x)
     return choice.CHOICES.run(choice.pool_key(x), {"native": lambda: native.max_pool2x2(x),
                                                    "torch": lambda: _torch_max_pool2x2(x)})
@@ -427,12 +429,7 @@ def _conv_transpose_same(x, weight, bias, stride, crop, dtype):
                                                                            torch.float32).to(dtype)
             if bfloat16_emulated():
                 candidates.pop("gemm"), candidates.pop("onednn")
-        measured = not choice.CHOICES.known(key, candidates)
-        y = choice.CHOICES.run(key, candidates)
-        if measured and len(candidates) > 1:  # keep only the winner's packed or cast weights
-            keep = set(kinds[choice.CHOICES.get(key)])
-            CACHE.discard(weight, *(kind for held in kinds.values() for kind in held if kind not in keep))
-        return y
+        return _fastest(key, candidates, weight, kinds, cache=True)
     if not native_ok or native.mode() == "torch":
         return _torch_conv_transpose(x, weight, bias, stride, crop, dtype)
     return _native_conv_transpose(x, weight, bias, dtype)
